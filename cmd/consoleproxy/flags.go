@@ -1,0 +1,231 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/hashicorp/go-hclog"
+)
+
+// errUsage marks errors in the command line, which exit 2.
+var errUsage = errors.New("usage")
+
+// usageError is a command-line mistake; its text is the one line printed.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+func (e *usageError) Is(target error) bool {
+	return target == errUsage
+}
+
+func usagef(format string, args ...any) error {
+	return &usageError{msg: fmt.Sprintf(format, args...)}
+}
+
+// options is the parsed and validated command line.
+type options struct {
+	upstream         proxy.Upstream
+	listen           string
+	listenRO         string
+	bufferSize       int
+	replay           proxy.ReplaySize
+	slowClient       proxy.SlowClientPolicy
+	maxClients       int
+	socket           proxy.SocketOptions
+	notices          bool
+	exitWithUpstream bool
+	logLevel         hclog.Level
+	logJSON          bool
+	version          bool
+	help             bool
+}
+
+const usageText = `Usage: consoleproxy --upstream SPEC --listen PATH [flags]
+
+consoleproxy owns a virtual machine's serial console socket, which the VMM
+serves to one client at a time, and re-exports it to many clients at once.
+Every client first receives the recent history (the replay), then live
+output; keystrokes from read-write clients go to the VM. The VM never waits
+for a client: one that falls a whole buffer behind is told how many bytes it
+missed.
+
+Upstream (where the console comes from):
+  --upstream SPEC          unix:PATH  connect to the VMM's socket (Cloud Hypervisor
+                           --serial socket=PATH, QEMU -chardev socket,server=on),
+                           reconnecting forever. A bare PATH naming a socket means unix:PATH.
+  --exit-with-upstream     exit 0 when the upstream closes instead of reconnecting
+
+Client sockets:
+  --listen PATH            read-write client socket (required)
+  --listen-ro PATH         read-only client socket: output only, input discarded
+  --socket-mode MODE       octal mode of the client sockets (default 0600)
+  --socket-group GROUP     group name or gid of the client sockets
+  --max-clients N          clients across both sockets (default 64)
+
+History and slow clients:
+  --buffer-size SIZE       history kept in memory, 4KiB to 1GiB (default 1MiB)
+  --replay all|none|SIZE   what a new client receives first (default all)
+  --slow-client skip|disconnect
+                           a client a whole buffer behind skips ahead with a
+                           notice of the bytes it missed, or is closed (default skip)
+  --notices                write [consoleproxy] notices into the stream (default true;
+                           --notices=false turns them off)
+
+Diagnostics:
+  --log-level LEVEL        trace, debug, info, warn, error (default info)
+  --log-format text|json   (default text)
+  --version                print the version and exit
+
+SIZE is a number with an optional binary unit: B, K/KiB, M/MiB, G/GiB.
+
+Examples:
+  consoleproxy --upstream unix:/run/vm1/serial.sock --listen /run/vm1/console.sock
+  socat -,raw,echo=0 UNIX-CONNECT:/run/vm1/console.sock
+  nc -U /run/vm1/console.sock
+
+Exit status: 0 clean stop, 1 runtime failure, 2 usage error.
+`
+
+// parseArgs parses and validates the command line. Every error it returns
+// is a usage error. It looks at the system only for a bare --upstream PATH.
+func parseArgs(args []string) (*options, error) {
+	fs := flag.NewFlagSet("consoleproxy", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	var (
+		upstream   = fs.String("upstream", "", "")
+		bufferSize = fs.String("buffer-size", "1MiB", "")
+		replay     = fs.String("replay", "all", "")
+		slowClient = fs.String("slow-client", "skip", "")
+		maxClients = fs.String("max-clients", strconv.Itoa(proxy.DefaultMaxClients), "")
+		socketMode = fs.String("socket-mode", "0600", "")
+		logLevel   = fs.String("log-level", "info", "")
+		logFormat  = fs.String("log-format", "text", "")
+		o          = &options{}
+	)
+	fs.StringVar(&o.listen, "listen", "", "")
+	fs.StringVar(&o.listenRO, "listen-ro", "", "")
+	fs.StringVar(&o.socket.Group, "socket-group", "", "")
+	fs.BoolVar(&o.notices, "notices", true, "")
+	fs.BoolVar(&o.exitWithUpstream, "exit-with-upstream", false, "")
+	fs.BoolVar(&o.version, "version", false, "")
+	fs.BoolVar(&o.help, "help", false, "")
+	fs.BoolVar(&o.help, "h", false, "")
+	if err := fs.Parse(args); err != nil {
+		return nil, usagef("%s", strings.TrimPrefix(err.Error(), "flag: "))
+	}
+	if fs.NArg() > 0 {
+		return nil, usagef("unexpected argument %q (all settings are flags)", fs.Arg(0))
+	}
+	if o.help || o.version {
+		return o, nil
+	}
+
+	var err error
+	if *upstream == "" {
+		return nil, usagef("--upstream is required")
+	}
+	if o.upstream, err = proxy.ParseUpstream(*upstream); err != nil {
+		return nil, usagef("--upstream: %v", err)
+	}
+	if o.listen == "" {
+		return nil, usagef("--listen is required")
+	}
+	for _, s := range []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}} {
+		if s.path == "" {
+			continue
+		}
+		if err := proxy.CheckSocketPath(s.path); err != nil {
+			return nil, usagef("%s: %v", s.flag, err)
+		}
+	}
+	if o.listenRO != "" && o.listenRO == o.listen {
+		return nil, usagef("--listen-ro must differ from --listen")
+	}
+	size, err := parseSize(*bufferSize)
+	if err != nil {
+		return nil, usagef("--buffer-size: %v", err)
+	}
+	if size < proxy.MinBufferSize || size > proxy.MaxBufferSize {
+		return nil, usagef("--buffer-size: %s is outside 4KiB to 1GiB", *bufferSize)
+	}
+	o.bufferSize = int(size)
+	switch *replay {
+	case "all":
+		o.replay = proxy.ReplayAll
+	case "none":
+		o.replay = proxy.ReplayNone
+	default:
+		n, err := parseSize(*replay)
+		if err != nil {
+			return nil, usagef("--replay: want all, none or a size: %v", err)
+		}
+		// Clamp to the ring: a replay can never exceed what it holds.
+		o.replay = proxy.ReplaySize(min(n, size))
+		if n == 0 {
+			o.replay = proxy.ReplayNone
+		}
+	}
+	switch *slowClient {
+	case "skip":
+		o.slowClient = proxy.SlowClientSkip
+	case "disconnect":
+		o.slowClient = proxy.SlowClientDisconnect
+	default:
+		return nil, usagef("--slow-client: %q is not skip or disconnect", *slowClient)
+	}
+	if o.maxClients, err = strconv.Atoi(*maxClients); err != nil || o.maxClients < 1 {
+		return nil, usagef("--max-clients: %q is not a whole number of at least 1", *maxClients)
+	}
+	mode, err := strconv.ParseUint(*socketMode, 8, 32)
+	if err != nil || mode > 0o777 || mode == 0 {
+		return nil, usagef("--socket-mode: %q is not an octal mode from 0001 to 0777", *socketMode)
+	}
+	o.socket.Mode = os.FileMode(mode)
+	if o.logLevel = hclog.LevelFromString(*logLevel); o.logLevel == hclog.NoLevel || o.logLevel == hclog.Off {
+		return nil, usagef("--log-level: %q is not trace, debug, info, warn or error", *logLevel)
+	}
+	switch *logFormat {
+	case "text":
+	case "json":
+		o.logJSON = true
+	default:
+		return nil, usagef("--log-format: %q is not text or json", *logFormat)
+	}
+	return o, nil
+}
+
+// parseSize parses a byte count with an optional binary unit, case
+// insensitive: B, K or KiB, M or MiB, G or GiB.
+func parseSize(s string) (int64, error) {
+	num := strings.TrimRight(s, "BbKkMmGgIi")
+	unit := strings.ToLower(s[len(num):])
+	var mult int64
+	switch unit {
+	case "", "b":
+		mult = 1
+	case "k", "kib":
+		mult = 1 << 10
+	case "m", "mib":
+		mult = 1 << 20
+	case "g", "gib":
+		mult = 1 << 30
+	default:
+		return 0, fmt.Errorf("%q: unknown unit %q (use B, KiB, MiB or GiB)", s, s[len(num):])
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%q is not a size", s)
+	}
+	if n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return n * mult, nil
+}

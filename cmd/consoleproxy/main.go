@@ -1,0 +1,163 @@
+// Command consoleproxy owns a virtual machine's single-client serial console
+// socket and re-exports it to many clients at once, with the recent history
+// replayed to each one. See the README for the full contract.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/hashicorp/go-hclog"
+	"github.com/oklog/run"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+// drainTimeout bounds how long a stopping proxy keeps sending clients what
+// the ring holds for them.
+const drainTimeout = time.Second
+
+func main() {
+	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// runMain runs the daemon and returns its exit status: 0 for a clean stop, 1
+// for a runtime failure, 2 for a usage error.
+func runMain(args []string, stdout, stderr io.Writer) int {
+	o, err := parseArgs(args)
+	if err != nil {
+		fmt.Fprintf(stderr, "consoleproxy: %v (see consoleproxy --help)\n", err)
+		return 2
+	}
+	switch {
+	case o.help:
+		fmt.Fprint(stdout, usageText)
+		return 0
+	case o.version:
+		fmt.Fprintln(stdout, "consoleproxy", versionString())
+		return 0
+	}
+	log := hclog.New(&hclog.LoggerOptions{
+		Name:       "consoleproxy",
+		Level:      o.logLevel,
+		JSONFormat: o.logJSON,
+		Output:     stderr,
+	})
+	if err := serve(o, log); err != nil {
+		log.Error("stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// serve binds everything, runs the proxy until a signal or the upstream's
+// end, and shuts it down in order.
+func serve(o *options, log hclog.Logger) error {
+	p, err := proxy.New(proxy.Config{
+		Upstream:         o.upstream,
+		BufferSize:       o.bufferSize,
+		Replay:           o.replay,
+		SlowClient:       o.slowClient,
+		MaxClients:       o.maxClients,
+		DisableNotices:   !o.notices,
+		ExitWithUpstream: o.exitWithUpstream,
+		Logger:           log,
+	})
+	if err != nil {
+		return err
+	}
+	// Bind before anything runs, so that a socket in the way fails the start
+	// instead of a running daemon.
+	ln, err := proxy.Listen(o.listen, o.socket)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	var lnRO *proxy.SocketListener
+	if o.listenRO != "" {
+		if lnRO, err = proxy.Listen(o.listenRO, o.socket); err != nil {
+			ln.Close()
+			return fmt.Errorf("--listen-ro: %w", err)
+		}
+	}
+	log.Info("started", "version", versionString(), "upstream", o.upstream.String(), "listen", o.listen, "listen_ro", o.listenRO, "buffer_size", o.bufferSize)
+
+	// Actors are interrupted in the order they are added, which is the
+	// shutdown order.
+	var g run.Group
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	// Signals: SIGINT or SIGTERM ends the group with a clean stop.
+	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
+
+	// Upstream: stopped first, and waited for, so the ring stops growing
+	// and clients can be drained to its end. With --exit-with-upstream its
+	// end is what ends the group.
+	{
+		upCtx, upCancel := context.WithCancel(ctx)
+		upDone := make(chan struct{})
+		g.Add(func() error {
+			defer close(upDone)
+			return p.RunUpstream(upCtx)
+		}, func(error) {
+			upCancel()
+			<-upDone
+		})
+	}
+
+	// Clients: stop accepting, send every client what the ring holds for it
+	// (at most drainTimeout), close them, and remove our socket files.
+	g.Add(func() error {
+		return serveErr(p.Serve(ln), "--listen")
+	}, func(error) {
+		sctx, scancel := context.WithTimeout(context.Background(), drainTimeout)
+		defer scancel()
+		if err := p.Shutdown(sctx); errors.Is(err, context.DeadlineExceeded) {
+			log.Warn("clients did not take all output before the drain timeout", "timeout", drainTimeout)
+		} else if err != nil {
+			log.Warn("shutdown", "error", err)
+		}
+	})
+	if lnRO != nil {
+		// Read-only clients: the same shutdown already closed this socket.
+		g.Add(func() error {
+			return serveErr(p.ServeReadOnly(lnRO), "--listen-ro")
+		}, func(error) {})
+	}
+
+	err = g.Run()
+	// SignalHandler returns *run.SignalError; its value-receiver As method
+	// matches without filling the target, so ask for the pointer.
+	var sig *run.SignalError
+	if errors.As(err, &sig) {
+		log.Info("stopped", "signal", sig.Signal.String())
+		return nil
+	}
+	return err
+}
+
+// serveErr maps the normal end of Serve to nil.
+func serveErr(err error, flag string) error {
+	if errors.Is(err, proxy.ErrClosed) {
+		return nil
+	}
+	return fmt.Errorf("%s: accept: %w", flag, err)
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "unknown"
+}

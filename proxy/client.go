@@ -1,0 +1,267 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// copyBufSize is the most a client receives per write. Buffers come from a
+// pool and are held only while a write is in flight, so an idle client costs
+// no buffer and a stuck one costs one.
+const copyBufSize = 64 << 10
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// inputBufSize bounds one read of client input, and so one write to the
+// upstream.
+const inputBufSize = 4 << 10
+
+// refusalTimeout bounds the write of a refusal notice to a client that is
+// about to be closed anyway.
+const refusalTimeout = time.Second
+
+// client is one connection on a served socket.
+type client struct {
+	p        *Proxy
+	conn     net.Conn
+	r        *Reader
+	readOnly bool
+	log      hclog.Logger
+
+	closeOnce sync.Once
+
+	// Totals, each written by one goroutine and read after both ended.
+	bytesOut  uint64
+	bytesIn   uint64 // input sent to the upstream
+	discarded uint64 // input not sent: read-only, or upstream down
+}
+
+// close ends both of the client's goroutines. Safe to call more than once
+// and from any goroutine.
+func (c *client) close() {
+	c.closeOnce.Do(func() {
+		c.r.Close()
+		c.conn.Close()
+	})
+}
+
+// Serve accepts read-write clients on ln until Shutdown or Close, then
+// returns ErrClosed. Each client receives the replay and live output, and
+// its input goes to the upstream. Serve takes ownership of ln.
+func (p *Proxy) Serve(ln net.Listener) error { return p.serve(ln, false) }
+
+// ServeReadOnly is Serve for viewers: clients receive the same output, and
+// their input is read, counted and discarded.
+func (p *Proxy) ServeReadOnly(ln net.Listener) error { return p.serve(ln, true) }
+
+func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	p.listeners[ln] = struct{}{}
+	p.mu.Unlock()
+
+	log := p.clientLog.With("socket", ln.Addr().String())
+	delay := minBackoff
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			p.mu.Lock()
+			closed := p.closed
+			p.mu.Unlock()
+			if closed {
+				return ErrClosed
+			}
+			if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM) {
+				// Out of descriptors: clients are waiting in the backlog;
+				// retry once some close rather than spin.
+				log.Warn("accept failed; retrying", "error", err, "delay", delay)
+				time.Sleep(delay)
+				delay = min(2*delay, maxBackoff)
+				continue
+			}
+			p.mu.Lock()
+			delete(p.listeners, ln)
+			p.mu.Unlock()
+			ln.Close()
+			return err
+		}
+		delay = minBackoff
+		p.admit(conn, readOnly, log)
+	}
+}
+
+// admit starts serving conn, or refuses it when the proxy is full or
+// closing.
+func (p *Proxy) admit(conn net.Conn, readOnly bool, log hclog.Logger) {
+	cred := peerCred(conn)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		conn.Close()
+		return
+	}
+	if len(p.clients) >= p.cfg.MaxClients {
+		p.mu.Unlock()
+		log.Warn("client refused: too many clients", "max", p.cfg.MaxClients, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+		refuse(conn, noticeTooMany(p.cfg.MaxClients))
+		return
+	}
+	p.nextID++
+	c := &client{
+		p:        p,
+		conn:     conn,
+		readOnly: readOnly,
+		log:      log.With("client", p.nextID),
+	}
+	c.r = p.newReaderLocked(!p.cfg.DisableNotices, p.cfg.SlowClient)
+	p.clients[c] = struct{}{}
+	replay := p.ring.End() - c.r.cursor
+	p.clientsDone.Add(1)
+	p.mu.Unlock()
+
+	c.log.Info("client connected", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid, "read_only", readOnly, "replay_bytes", replay)
+	go c.run()
+}
+
+// refuse sends a refusal notice to a client that is then closed.
+func refuse(conn net.Conn, text string) {
+	conn.SetWriteDeadline(time.Now().Add(refusalTimeout))
+	conn.Write(notice(text, true))
+	conn.Close()
+}
+
+// run serves the client until it goes away or the proxy stops: this
+// goroutine writes output, a second one reads input.
+func (c *client) run() {
+	p := c.p
+	defer p.clientsDone.Done()
+
+	inputDone := make(chan struct{})
+	go func() {
+		defer close(inputDone)
+		c.readInput()
+	}()
+	err := c.writeOutput()
+	c.close()
+	<-inputDone
+
+	p.mu.Lock()
+	delete(p.clients, c)
+	dropped := c.r.dropped
+	p.mu.Unlock()
+	reason := "closed"
+	switch {
+	case errors.Is(err, ErrTooSlow):
+		reason = "too slow"
+	case errors.Is(err, io.EOF):
+		reason = "proxy stopping"
+	}
+	c.log.Info("client disconnected", "reason", reason, "bytes_out", c.bytesOut, "bytes_in", c.bytesIn, "input_discarded", c.discarded, "dropped", dropped)
+}
+
+// writeOutput sends the reader's walk to the client until either ends.
+func (c *client) writeOutput() error {
+	p := c.p
+	for {
+		p.mu.Lock()
+		if err := c.r.waitLocked(); err != nil {
+			p.mu.Unlock()
+			return err
+		}
+		bp := copyBufs.Get().(*[]byte)
+		n, err := c.r.readLocked(*bp)
+		p.mu.Unlock()
+		if err != nil {
+			copyBufs.Put(bp)
+			return err
+		}
+		_, err = c.conn.Write((*bp)[:n])
+		copyBufs.Put(bp)
+		if err != nil {
+			return err
+		}
+		c.bytesOut += uint64(n)
+	}
+}
+
+// readInput forwards the client's input until it closes or half-closes. A
+// half-closed client keeps receiving output; one that hung up entirely is
+// closed at once rather than when the next output fails to reach it.
+func (c *client) readInput() {
+	buf := make([]byte, inputBufSize)
+	for {
+		n, err := c.conn.Read(buf)
+		if n > 0 {
+			switch {
+			case c.readOnly:
+				c.discarded += uint64(n)
+			case c.p.writeInput(buf[:n]):
+				c.bytesIn += uint64(n)
+			default:
+				c.discarded += uint64(n)
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && !hungUp(c.conn) {
+				return
+			}
+			c.close()
+			return
+		}
+	}
+}
+
+// hungUp reports whether the peer of a connection that read EOF has closed
+// entirely, rather than only shut down its writing side. On a Unix stream
+// socket the kernel raises POLLHUP only when both directions are shut, so a
+// zero-timeout poll tells the two apart without waiting.
+func hungUp(conn net.Conn) bool {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	hup := false
+	raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
+			hup = fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
+		}
+	})
+	return hup
+}
+
+// peerCred returns the connecting process's credentials (SO_PEERCRED), or
+// -1s when the connection cannot say.
+func peerCred(conn net.Conn) unix.Ucred {
+	none := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return none
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return none
+	}
+	cred := none
+	raw.Control(func(fd uintptr) {
+		if uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			cred = *uc
+		}
+	})
+	return cred
+}

@@ -1,0 +1,303 @@
+// Package proxy re-exports a virtual machine's single-client serial console
+// to many readers at once.
+//
+// A Proxy owns one upstream (the VMM's console socket, a PTY, or a socket the
+// VMM dials) and drains it continuously into one shared ring of the most
+// recent output. Every reader, whether a client of a Unix socket served by
+// Serve, the console log writer, or an in-process Reader, walks that ring
+// with its own cursor: it first receives what the ring holds (the replay) and
+// then live output, as one walk, so the seam has no gap and no duplicate.
+//
+// Reading the upstream never waits for a reader. A reader slower than the VMM
+// falls behind on its own; once it is more than a whole ring behind it is
+// told exactly how many bytes it missed (or is disconnected, per
+// SlowClientPolicy). This is deliberate: a serial console that stalls the
+// guest because a viewer stopped reading is worse than one that drops bytes
+// for that viewer.
+//
+// Input from read-write clients is written to the upstream one read at a
+// time, whole and untranslated. Input that arrives while the upstream is down
+// is discarded and counted.
+//
+// The package is the only one in consoleproxy with sockets and goroutines;
+// every goroutine it starts ends when Shutdown or Close returns, or when the
+// context given to RunUpstream or RunLog is done.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+
+	"github.com/consoleproxy/consoleproxy/ringbuf"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Defaults for the zero fields of Config.
+const (
+	DefaultBufferSize = 1 << 20
+	DefaultMaxClients = 64
+)
+
+// Bounds on Config.BufferSize.
+const (
+	MinBufferSize = 4 << 10
+	MaxBufferSize = 1 << 30
+)
+
+// Errors returned by this package.
+var (
+	// ErrClosed is returned by Serve after Shutdown or Close, and by a
+	// Reader's Read after the Reader or its Proxy was closed.
+	ErrClosed = errors.New("proxy closed")
+	// ErrTooSlow ends a reader under SlowClientDisconnect that fell more
+	// than a whole ring behind.
+	ErrTooSlow = errors.New("reader fell more than the ring behind")
+)
+
+// ReplaySize says how much history a new reader receives before live output.
+type ReplaySize int64
+
+const (
+	// ReplayAll replays everything the ring holds. It is the zero value.
+	ReplayAll ReplaySize = 0
+	// ReplayNone starts every reader at live output.
+	ReplayNone ReplaySize = -1
+)
+
+// SlowClientPolicy says what happens to a reader that falls more than a
+// whole ring behind.
+type SlowClientPolicy int
+
+const (
+	// SlowClientSkip tells the reader how many bytes it missed and resumes
+	// it at the oldest retained line. It is the zero value.
+	SlowClientSkip SlowClientPolicy = iota
+	// SlowClientDisconnect ends the reader without a notice.
+	SlowClientDisconnect
+)
+
+// Config configures a Proxy. Zero fields mean the documented defaults.
+type Config struct {
+	// Upstream is where console output comes from and input goes to.
+	// Required.
+	Upstream Upstream
+	// BufferSize is the ring's size in bytes, MinBufferSize to
+	// MaxBufferSize. Zero means DefaultBufferSize.
+	BufferSize int
+	// Replay limits what a new reader receives before live output.
+	Replay ReplaySize
+	// SlowClient is the policy for readers that fall a ring behind.
+	SlowClient SlowClientPolicy
+	// MaxClients bounds the socket clients across all served listeners.
+	// Zero means DefaultMaxClients.
+	MaxClients int
+	// DisableNotices keeps the upstream and drop notices out of the stream.
+	// Refusal notices are always sent.
+	DisableNotices bool
+	// ExitWithUpstream makes RunUpstream return nil once the first upstream
+	// connection ends, instead of reconnecting.
+	ExitWithUpstream bool
+	// Seed is history placed in the ring before any upstream output, such
+	// as the tail of a console log from before a restart. It should begin
+	// at a line start. A non-empty Seed is followed by the restarted notice.
+	Seed []byte
+	// Logger receives the proxy's own diagnostics. Nil means none.
+	Logger hclog.Logger
+}
+
+// Proxy fans one upstream console out to many readers. Create it with New,
+// run RunUpstream, serve listeners with Serve, and stop it with Shutdown or
+// Close. All methods are safe for concurrent use.
+type Proxy struct {
+	cfg       Config
+	log       hclog.Logger
+	clientLog hclog.Logger
+
+	// mu guards the ring and every Reader's cursor and state, plus the
+	// fields below it. It is held only for memory copies, never for I/O.
+	mu        sync.Mutex
+	ring      *ringbuf.Ring
+	parked    []*Reader // readers waiting for the ring to grow
+	draining  bool      // Shutdown began: readers end once caught up
+	closed    bool      // no new clients or readers
+	clients   map[*client]struct{}
+	listeners map[net.Listener]struct{}
+	nextID    uint64
+
+	// inputMu serialises input writes, so each client read reaches the
+	// upstream whole. It is held across the write, which may block on a VMM
+	// that does not read: that delays input only, never output.
+	inputMu   sync.Mutex
+	upstream  io.Writer // nil while the upstream is down
+	discarded uint64    // input discarded since the upstream was last up
+
+	clientsDone sync.WaitGroup
+}
+
+// New validates cfg and returns a Proxy whose ring holds cfg.Seed. It starts
+// nothing; the caller runs RunUpstream and Serve.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.Upstream == nil {
+		return nil, errors.New("no upstream configured")
+	}
+	if cfg.BufferSize == 0 {
+		cfg.BufferSize = DefaultBufferSize
+	}
+	if cfg.BufferSize < MinBufferSize || cfg.BufferSize > MaxBufferSize {
+		return nil, fmt.Errorf("buffer size %d is outside %d to %d bytes", cfg.BufferSize, MinBufferSize, MaxBufferSize)
+	}
+	if cfg.MaxClients == 0 {
+		cfg.MaxClients = DefaultMaxClients
+	}
+	if cfg.MaxClients < 0 {
+		return nil, fmt.Errorf("max clients %d is negative", cfg.MaxClients)
+	}
+	if cfg.Replay < ReplayNone {
+		return nil, fmt.Errorf("replay size %d is invalid", cfg.Replay)
+	}
+	if cfg.SlowClient != SlowClientSkip && cfg.SlowClient != SlowClientDisconnect {
+		return nil, fmt.Errorf("unknown slow client policy %d", cfg.SlowClient)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	p := &Proxy{
+		cfg:       cfg,
+		log:       log,
+		clientLog: log.Named("client"),
+		ring:      ringbuf.New(cfg.BufferSize),
+		clients:   make(map[*client]struct{}),
+		listeners: make(map[net.Listener]struct{}),
+	}
+	if len(cfg.Seed) > 0 {
+		p.ring.Write(cfg.Seed)
+		if !cfg.DisableNotices {
+			p.ring.Write(notice(noticeRestarted, p.atLineStartLocked()))
+		}
+	}
+	return p, nil
+}
+
+// appendOutput adds upstream output to the ring and wakes parked readers.
+// It never blocks on a reader: it holds mu only for the copy.
+func (p *Proxy) appendOutput(b []byte) {
+	p.mu.Lock()
+	p.ring.Write(b)
+	p.wakeLocked()
+	p.mu.Unlock()
+}
+
+// appendNotice adds a stream notice to the ring, unless notices are off.
+func (p *Proxy) appendNotice(text string) {
+	if p.cfg.DisableNotices {
+		return
+	}
+	p.mu.Lock()
+	p.ring.Write(notice(text, p.atLineStartLocked()))
+	p.wakeLocked()
+	p.mu.Unlock()
+}
+
+// atLineStartLocked reports whether the ring's stream ends at a line start.
+func (p *Proxy) atLineStartLocked() bool {
+	end := p.ring.End()
+	if end == 0 {
+		return true
+	}
+	b, _ := p.ring.ByteAt(end - 1)
+	return b == '\n'
+}
+
+// wakeLocked wakes every parked reader once. Each reader has a one-slot
+// channel, so a wake-up never blocks and repeated wake-ups coalesce.
+func (p *Proxy) wakeLocked() {
+	for i, r := range p.parked {
+		r.parked = false
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+		p.parked[i] = nil
+	}
+	p.parked = p.parked[:0]
+}
+
+// Shutdown stops accepting clients, lets every reader receive what the ring
+// holds for it, and closes them, all within ctx: once ctx is done, the
+// remaining clients are closed at once. Stop the upstream first (cancel
+// RunUpstream's context) so that the ring stops growing. Shutdown returns
+// after every client goroutine has ended; it returns ctx's error when it had
+// to cut clients off. It is safe to call more than once.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.closed = true
+	p.draining = true
+	lns := p.takeListenersLocked()
+	p.wakeLocked()
+	p.mu.Unlock()
+	err := closeAll(lns)
+
+	done := make(chan struct{})
+	go func() {
+		p.clientsDone.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return err
+	case <-ctx.Done():
+		p.closeClients()
+		<-done
+		return errors.Join(err, ctx.Err())
+	}
+}
+
+// Close stops accepting clients and closes every client and Reader at once,
+// without draining. It returns after every client goroutine has ended and is
+// safe to call more than once.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	lns := p.takeListenersLocked()
+	p.mu.Unlock()
+	err := closeAll(lns)
+	p.closeClients()
+	p.clientsDone.Wait()
+	return err
+}
+
+func (p *Proxy) takeListenersLocked() []net.Listener {
+	lns := make([]net.Listener, 0, len(p.listeners))
+	for ln := range p.listeners {
+		lns = append(lns, ln)
+		delete(p.listeners, ln)
+	}
+	return lns
+}
+
+func closeAll(lns []net.Listener) error {
+	var errs []error
+	for _, ln := range lns {
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (p *Proxy) closeClients() {
+	p.mu.Lock()
+	cs := make([]*client, 0, len(p.clients))
+	for c := range p.clients {
+		cs = append(cs, c)
+	}
+	p.mu.Unlock()
+	for _, c := range cs {
+		c.close()
+	}
+}

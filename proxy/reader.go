@@ -1,0 +1,184 @@
+package proxy
+
+import (
+	"io"
+	"sync"
+)
+
+// Reader walks the proxy's output with its own cursor: first the replay,
+// then live output, with no gap and no duplicate between them. Reads never
+// consume: every Reader sees every byte, unless it falls more than a whole
+// ring behind. A Reader is used by one goroutine at a time; Close may be
+// called from any goroutine.
+type Reader struct {
+	p        *Proxy
+	wake     chan struct{} // one slot: a pending wake-up
+	done     chan struct{} // closed by Close
+	doneOnce sync.Once
+
+	// Guarded by p.mu.
+	cursor  uint64 // absolute offset of the next byte to deliver
+	pending []byte // a notice not yet delivered
+	last    byte   // the last byte delivered, for notice framing
+	parked  bool   // in p.parked
+	closed  bool
+	dropped uint64 // bytes skipped because the reader fell behind
+
+	// dropNotice, when set, reports skipped bytes in the stream.
+	dropNotice bool
+	slow       SlowClientPolicy
+}
+
+// newReaderLocked registers a reader positioned per the replay policy.
+func (p *Proxy) newReaderLocked(dropNotice bool, slow SlowClientPolicy) *Reader {
+	r := &Reader{
+		p:          p,
+		wake:       make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		cursor:     p.replayStartLocked(),
+		last:       '\n',
+		dropNotice: dropNotice,
+		slow:       slow,
+	}
+	return r
+}
+
+// replayStartLocked is where a new reader's walk begins: the oldest byte the
+// replay policy allows, moved to a line start when that is not the first
+// byte of the history.
+func (p *Proxy) replayStartLocked() uint64 {
+	start, end := p.ring.Start(), p.ring.End()
+	switch replay := p.cfg.Replay; {
+	case replay == ReplayNone:
+		return end
+	case replay > 0 && uint64(replay) < end-start:
+		start = end - uint64(replay)
+	}
+	return p.ring.LineStart(start)
+}
+
+// NewReader returns a Reader that receives the replay and then live output,
+// like a client of a served socket, under the proxy's replay, notice and
+// slow-client settings. It does not count against MaxClients. Close it when
+// done. It returns ErrClosed after Shutdown or Close.
+func (p *Proxy) NewReader() (*Reader, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, ErrClosed
+	}
+	return p.newReaderLocked(!p.cfg.DisableNotices, p.cfg.SlowClient), nil
+}
+
+// Read blocks until output is available and copies it into b. It returns
+// io.EOF once the proxy is shutting down and the reader has received
+// everything, ErrClosed after Close, and ErrTooSlow when the reader fell a
+// ring behind under SlowClientDisconnect.
+func (r *Reader) Read(b []byte) (int, error) {
+	r.p.mu.Lock()
+	defer r.p.mu.Unlock()
+	if err := r.waitLocked(); err != nil {
+		return 0, err
+	}
+	return r.readLocked(b)
+}
+
+// Dropped returns how many bytes the reader has skipped so far because it
+// fell behind.
+func (r *Reader) Dropped() uint64 {
+	r.p.mu.Lock()
+	defer r.p.mu.Unlock()
+	return r.dropped
+}
+
+// Close ends the reader; a Read blocked in another goroutine returns
+// ErrClosed. It is safe to call more than once.
+func (r *Reader) Close() error {
+	r.doneOnce.Do(func() {
+		p := r.p
+		p.mu.Lock()
+		r.closed = true
+		if r.parked {
+			for i, q := range p.parked {
+				if q == r {
+					last := len(p.parked) - 1
+					p.parked[i] = p.parked[last]
+					p.parked[last] = nil
+					p.parked = p.parked[:last]
+					break
+				}
+			}
+			r.parked = false
+		}
+		p.mu.Unlock()
+		close(r.done)
+	})
+	return nil
+}
+
+// availableLocked reports whether readLocked has something to return.
+func (r *Reader) availableLocked() bool {
+	return len(r.pending) > 0 || r.cursor < r.p.ring.End()
+}
+
+// waitLocked parks the reader until output is available. It is called and
+// returns with p.mu held, and releases it while parked.
+func (r *Reader) waitLocked() error {
+	p := r.p
+	for !r.availableLocked() {
+		switch {
+		case r.closed:
+			return ErrClosed
+		case p.draining:
+			return io.EOF
+		}
+		if !r.parked {
+			r.parked = true
+			p.parked = append(p.parked, r)
+		}
+		p.mu.Unlock()
+		select {
+		case <-r.wake:
+		case <-r.done:
+		}
+		p.mu.Lock()
+	}
+	if r.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// readLocked copies what is available into b without blocking. A reader
+// found more than a ring behind either gets ErrTooSlow or skips to the oldest
+// retained line start, counting the bytes in between and, when dropNotice is
+// set, receiving a notice of exactly that count first.
+func (r *Reader) readLocked(b []byte) (int, error) {
+	ring := r.p.ring
+	if start := ring.Start(); r.cursor < start {
+		if r.slow == SlowClientDisconnect {
+			return 0, ErrTooSlow
+		}
+		next := ring.LineStart(start)
+		r.dropped += next - r.cursor
+		if r.dropNotice {
+			r.pending = append(r.pending, notice(noticeDropped(next-r.cursor), r.last == '\n')...)
+		}
+		r.cursor = next
+	}
+	var n int
+	if len(r.pending) > 0 {
+		n = copy(b, r.pending)
+		r.pending = r.pending[n:]
+		if len(r.pending) == 0 {
+			r.pending = nil
+		}
+	} else {
+		n, _ = ring.ReadAt(b, r.cursor)
+		r.cursor += uint64(n)
+	}
+	if n > 0 {
+		r.last = b[n-1]
+	}
+	return n, nil
+}
