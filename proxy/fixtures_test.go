@@ -331,7 +331,6 @@ func countPrefix(notices []string, prefix string) int {
 	return c
 }
 
-
 func timeNowPlusWait() time.Time { return time.Now().Add(waitTimeout) }
 
 // readUntilEOF reads everything until the proxy closes the connection.
