@@ -312,15 +312,6 @@ func checkContiguous(t *testing.T, data []byte) (first, end uint64) {
 	return first, first + uint64(len(data))
 }
 
-func hasNotice(notices []string, text string) bool {
-	for _, n := range notices {
-		if n == text {
-			return true
-		}
-	}
-	return false
-}
-
 func countPrefix(notices []string, prefix string) int {
 	c := 0
 	for _, n := range notices {

@@ -142,6 +142,9 @@ func FuzzRing(f *testing.F) {
 		r := New(size)
 		m := &model{size: size}
 		buf := make([]byte, size+3)
+		if len(cuts) > 256 {
+			cuts = cuts[:256]
+		}
 		for _, c := range cuts {
 			n := min(int(c), len(data))
 			chunk := data[:n]
@@ -152,7 +155,9 @@ func FuzzRing(f *testing.F) {
 			if r.End() != uint64(len(m.all)) || r.Start() != m.start() {
 				t.Fatalf("Start/End = %d/%d, model %d/%d", r.Start(), r.End(), m.start(), len(m.all))
 			}
-			for off := uint64(0); off <= r.End()+1; off++ {
+			// Every offset older than Start-1 behaves alike; probing two of
+			// them keeps each round linear in the ring's size.
+			for off := max(m.start(), 2) - 2; off <= r.End()+1; off++ {
 				n, lost := r.ReadAt(buf, off)
 				from := max(off, m.start())
 				var want []byte

@@ -205,8 +205,14 @@ func parseArgs(args []string) (*options, error) {
 // parseSize parses a byte count with an optional binary unit, case
 // insensitive: B, K or KiB, M or MiB, G or GiB.
 func parseSize(s string) (int64, error) {
-	num := strings.TrimRight(s, "BbKkMmGgIi")
-	unit := strings.ToLower(s[len(num):])
+	digits := strings.IndexFunc(s, func(r rune) bool { return r < '0' || r > '9' })
+	if digits < 0 {
+		digits = len(s)
+	}
+	if digits == 0 {
+		return 0, fmt.Errorf("%q is not a size (want a whole number with an optional unit)", s)
+	}
+	num, unit := s[:digits], strings.ToLower(s[digits:])
 	var mult int64
 	switch unit {
 	case "", "b":
@@ -218,10 +224,10 @@ func parseSize(s string) (int64, error) {
 	case "g", "gib":
 		mult = 1 << 30
 	default:
-		return 0, fmt.Errorf("%q: unknown unit %q (use B, KiB, MiB or GiB)", s, s[len(num):])
+		return 0, fmt.Errorf("%q: unknown unit %q (use B, KiB, MiB or GiB)", s, s[digits:])
 	}
 	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || n < 0 {
+	if err != nil {
 		return 0, fmt.Errorf("%q is not a size", s)
 	}
 	if n > math.MaxInt64/mult {

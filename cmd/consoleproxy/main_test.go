@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The test binary doubles as the daemon: with this variable set it runs
+// runMain on its arguments, so tests drive the real process, signals and
+// exit codes included, without a separate build.
+const asDaemon = "CONSOLEPROXY_TEST_AS_DAEMON"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(asDaemon) == "1" {
+		os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+const waitTimeout = 20 * time.Second
+
+func TestUsageErrors(t *testing.T) {
+	dir := t.TempDir()
+	regular := filepath.Join(dir, "file")
+	if err := os.WriteFile(regular, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	up := "unix:" + filepath.Join(dir, "vmm.sock")
+	ln := filepath.Join(dir, "c.sock")
+	long := "/tmp/" + strings.Repeat("x", 110)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{}, "--upstream is required"},
+		{[]string{"--upstream", up}, "--listen is required"},
+		{[]string{"--upstream", up, "--listen", ln, "extra"}, `unexpected argument "extra"`},
+		{[]string{"--upstream", up, "--listen", ln, "--bogus"}, "provided but not defined: -bogus"},
+		{[]string{"--upstream", "ftp:x", "--listen", ln}, `unknown kind "ftp"`},
+		{[]string{"--upstream", "pty:/dev/pts/0", "--listen", ln}, "not supported yet"},
+		{[]string{"--upstream", regular, "--listen", ln}, "not a socket"},
+		{[]string{"--upstream", filepath.Join(dir, "missing"), "--listen", ln}, "cannot be inspected"},
+		{[]string{"--upstream", "unix:" + long, "--listen", ln}, "longer than the system limit of 107"},
+		{[]string{"--upstream", up, "--listen", long}, "--listen: socket path"},
+		{[]string{"--upstream", up, "--listen", ln, "--listen-ro", long}, "--listen-ro: socket path"},
+		{[]string{"--upstream", up, "--listen", ln, "--listen-ro", ln}, "must differ"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2K"}, "outside 4KiB to 1GiB"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2GiB"}, "outside 4KiB to 1GiB"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "12QB"}, "unknown unit"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "-5"}, "not a size"},
+		{[]string{"--upstream", up, "--listen", ln, "--replay", "some"}, "--replay"},
+		{[]string{"--upstream", up, "--listen", ln, "--slow-client", "wait"}, "not skip or disconnect"},
+		{[]string{"--upstream", up, "--listen", ln, "--max-clients", "0"}, "at least 1"},
+		{[]string{"--upstream", up, "--listen", ln, "--max-clients", "many"}, "at least 1"},
+		{[]string{"--upstream", up, "--listen", ln, "--socket-mode", "0999"}, "octal mode"},
+		{[]string{"--upstream", up, "--listen", ln, "--socket-mode", "01777"}, "octal mode"},
+		{[]string{"--upstream", up, "--listen", ln, "--log-level", "loud"}, "--log-level"},
+		{[]string{"--upstream", up, "--listen", ln, "--log-format", "xml"}, "not text or json"},
+		{[]string{"--upstream", up, "--listen", ln, "--notices=maybe"}, "invalid boolean"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := runMain(tc.args, &stdout, &stderr)
+		msg := stderr.String()
+		if code != 2 || !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
+			t.Errorf("%q: exit %d, stderr %q; want exit 2 and one line containing %q", tc.args, code, msg, tc.want)
+		}
+	}
+	if _, err := os.Stat(ln); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a usage error created %s", ln)
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	for _, arg := range []string{"--help", "-h"} {
+		var stdout, stderr bytes.Buffer
+		if code := runMain([]string{arg}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "--upstream SPEC") {
+			t.Errorf("%s: exit %d, stdout %q", arg, code, stdout.String())
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	if code := runMain([]string{"--version"}, &stdout, &stderr); code != 0 || !strings.HasPrefix(stdout.String(), "consoleproxy ") {
+		t.Errorf("--version: exit %d, stdout %q", code, stdout.String())
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+	}{
+		{"0", 0}, {"4096", 4096}, {"12B", 12}, {"4k", 4096}, {"4KiB", 4096}, {"4kib", 4096},
+		{"1M", 1 << 20}, {"1MiB", 1 << 20}, {"16mib", 16 << 20}, {"1G", 1 << 30}, {"1GiB", 1 << 30},
+	} {
+		if got, err := parseSize(tc.in); err != nil || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		}
+	}
+	for _, in := range []string{"", "K", "1.5M", "1MB", "1KB", "-1", "1 M", "99999999999G", "0x10"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+// daemon is the real consoleproxy process, run from the test binary.
+type daemon struct {
+	cmd    *exec.Cmd
+	stderr *bytes.Buffer
+	done   chan error
+}
+
+func startDaemon(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), asDaemon+"=1")
+	d := &daemon{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	cmd.Stderr = d.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-d.done
+	})
+	return d
+}
+
+// exitCode waits for the daemon to exit and returns its status.
+func (d *daemon) exitCode(t *testing.T) int {
+	t.Helper()
+	select {
+	case err := <-d.done:
+		d.done <- err // for the cleanup
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(waitTimeout):
+		t.Fatalf("daemon did not exit; stderr:\n%s", d.stderr)
+		return -1
+	}
+}
+
+func waitForPath(t *testing.T, path string) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not appear", path)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestSIGTERMDrainsClientsAndRemovesSocket(t *testing.T) {
+	dir := t.TempDir()
+	vmmPath, sock := filepath.Join(dir, "vmm.sock"), filepath.Join(dir, "console.sock")
+	vmm, err := net.Listen("unix", vmmPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vmm.Close()
+	d := startDaemon(t, "--upstream", "unix:"+vmmPath, "--listen", sock)
+	up, err := vmm.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	up.Write([]byte("boot log\n"))
+	waitForPath(t, sock)
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	want := "[consoleproxy] upstream connected\r\nboot log\n"
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(conn, got); err != nil || string(got) != want {
+		t.Fatalf("replay %q, %v; want %q", got, err, want)
+	}
+
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	if code := d.exitCode(t); code != 0 {
+		t.Fatalf("exit %d after SIGTERM; stderr:\n%s", code, d.stderr)
+	}
+	if rest, err := io.ReadAll(conn); err != nil || len(rest) != 0 {
+		t.Errorf("after SIGTERM the client read %q, %v; want a clean EOF", rest, err)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket file still there after SIGTERM: %v", err)
+	}
+}
+
+func TestExitWithUpstream(t *testing.T) {
+	dir := t.TempDir()
+	vmmPath := filepath.Join(dir, "vmm.sock")
+	vmm, err := net.Listen("unix", vmmPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vmm.Close()
+	d := startDaemon(t, "--upstream", "unix:"+vmmPath, "--listen", filepath.Join(dir, "c.sock"), "--exit-with-upstream")
+	up, err := vmm.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up.Close()
+	if code := d.exitCode(t); code != 0 {
+		t.Fatalf("exit %d when the upstream closed; stderr:\n%s", code, d.stderr)
+	}
+}
+
+func TestRuntimeFailuresExit1(t *testing.T) {
+	dir := t.TempDir()
+	up := "unix:" + filepath.Join(dir, "vmm.sock")
+	regular := filepath.Join(dir, "in-the-way")
+	if err := os.WriteFile(regular, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	live := filepath.Join(dir, "live.sock")
+	l, err := net.Listen("unix", live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for _, tc := range []struct {
+		listen, want string
+	}{
+		{filepath.Join(dir, "missing", "c.sock"), filepath.Join(dir, "missing")},
+		{regular, "is not a socket; not removing it"},
+		{live, "a live process is listening on it"},
+	} {
+		d := startDaemon(t, "--upstream", up, "--listen", tc.listen)
+		if code := d.exitCode(t); code != 1 {
+			t.Errorf("--listen %s: exit %d, want 1", tc.listen, code)
+		}
+		msg := d.stderr.String()
+		if !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
+			t.Errorf("--listen %s: stderr %q, want one line containing %q", tc.listen, msg, tc.want)
+		}
+	}
+	if b, err := os.ReadFile(regular); err != nil || string(b) != "keep me" {
+		t.Errorf("the file in the way was changed: %q, %v", b, err)
+	}
+}
