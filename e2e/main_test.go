@@ -187,17 +187,39 @@ func startVMM(t *testing.T, path string) *vmm {
 	return v
 }
 
+// write sends b to the proxy, once it is connected.
+func (v *vmm) write(t *testing.T, b []byte) {
+	t.Helper()
+	var conn net.Conn
+	waitFor(t, "the proxy to connect to the VMM", func() bool {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		conn = v.conn
+		return conn != nil
+	})
+	if _, err := conn.Write(b); err != nil {
+		t.Fatalf("VMM write: %v", err)
+	}
+}
+
 // startProxy runs the real binary against a fresh VMM socket and returns
 // the client socket's path once the proxy is attached.
 func startProxy(t *testing.T, extra ...string) (sock string, daemon *proc) {
 	t.Helper()
-	dir := t.TempDir()
+	sock, daemon, _ = startProxyIn(t, t.TempDir(), extra...)
+	return sock, daemon
+}
+
+// startProxyIn is startProxy with the sockets in dir; it also returns the
+// VMM.
+func startProxyIn(t *testing.T, dir string, extra ...string) (sock string, daemon *proc, v *vmm) {
+	t.Helper()
 	vmmPath, sock := filepath.Join(dir, "vmm.sock"), filepath.Join(dir, "console.sock")
-	startVMM(t, vmmPath)
+	v = startVMM(t, vmmPath)
 	args := append([]string{"--upstream", "unix:" + vmmPath, "--listen", sock, "--log-level", "debug"}, extra...)
 	daemon = start(t, nil, binary, args...)
 	waitFor(t, "the proxy to attach", func() bool { return strings.Contains(daemon.stderr.String(), "upstream connected") })
-	return sock, daemon
+	return sock, daemon, v
 }
 
 const replay = "[consoleproxy] upstream connected\r\nLinux version 6.1.0 (boot log)\nguest login: "

@@ -127,6 +127,7 @@ type Proxy struct {
 	clients   map[*client]struct{}
 	listeners map[net.Listener]struct{}
 	nextID    uint64
+	logReader *Reader // the console log writer's cursor; see RunLog
 
 	// inputMu serialises input writes, so each client read reaches the
 	// upstream whole. It is held across the write, which may block on a VMM
@@ -174,11 +175,12 @@ func New(cfg Config) (*Proxy, error) {
 		clients:   make(map[*client]struct{}),
 		listeners: make(map[net.Listener]struct{}),
 	}
-	if len(cfg.Seed) > 0 {
-		p.ring.Write(cfg.Seed)
-		if !cfg.DisableNotices {
-			p.ring.Write(notice(noticeRestarted, p.atLineStartLocked()))
-		}
+	p.ring.Write(cfg.Seed)
+	// The log writer starts after the seed, which came from the log, and
+	// before the restarted notice, which marks the restart in the log too.
+	p.logReader = &Reader{p: p, wake: make(chan struct{}, 1), done: make(chan struct{}), cursor: p.ring.End(), last: '\n'}
+	if len(cfg.Seed) > 0 && !cfg.DisableNotices {
+		p.ring.Write(notice(noticeRestarted, p.atLineStartLocked()))
 	}
 	return p, nil
 }
@@ -267,6 +269,7 @@ func (p *Proxy) Close() error {
 	p.mu.Unlock()
 	err := closeAll(lns)
 	p.closeClients()
+	p.logReader.Close()
 	p.clientsDone.Wait()
 	return err
 }

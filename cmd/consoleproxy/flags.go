@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/hashicorp/go-hclog"
 )
@@ -41,6 +42,8 @@ type options struct {
 	socket           proxy.SocketOptions
 	notices          bool
 	exitWithUpstream bool
+	consoleLog       string
+	logOptions       logsink.Options
 	logLevel         hclog.Level
 	logJSON          bool
 	version          bool
@@ -78,6 +81,17 @@ History and slow clients:
   --notices                write [consoleproxy] notices into the stream (default true;
                            --notices=false turns them off)
 
+Console log:
+  --console-log PATH       append the raw console output to PATH; on start, the ring
+                           is seeded from it, so clients see the history from before
+                           a restart. SIGHUP reopens PATH (for logrotate).
+  --console-log-max-size SIZE
+                           rotate when PATH would pass SIZE (default 16MiB; 0 never)
+  --console-log-max-files N
+                           rotated files kept, PATH.1 (newest) to PATH.N (default 5)
+  --console-log-timestamps prefix each log line (never the live stream) with an
+                           RFC 3339 UTC time with milliseconds
+
 Diagnostics:
   --log-level LEVEL        trace, debug, info, warn, error (default info)
   --log-format text|json   (default text)
@@ -108,8 +122,12 @@ func parseArgs(args []string) (*options, error) {
 		socketMode = fs.String("socket-mode", "0600", "")
 		logLevel   = fs.String("log-level", "info", "")
 		logFormat  = fs.String("log-format", "text", "")
+		logMaxSize = fs.String("console-log-max-size", "16MiB", "")
+		logFiles   = fs.String("console-log-max-files", "5", "")
 		o          = &options{}
 	)
+	fs.StringVar(&o.consoleLog, "console-log", "", "")
+	fs.BoolVar(&o.logOptions.Timestamps, "console-log-timestamps", false, "")
 	fs.StringVar(&o.listen, "listen", "", "")
 	fs.StringVar(&o.listenRO, "listen-ro", "", "")
 	fs.StringVar(&o.socket.Group, "socket-group", "", "")
@@ -191,6 +209,23 @@ func parseArgs(args []string) (*options, error) {
 	o.socket.Mode = os.FileMode(mode)
 	if o.logLevel = hclog.LevelFromString(*logLevel); o.logLevel == hclog.NoLevel || o.logLevel == hclog.Off {
 		return nil, usagef("--log-level: %q is not trace, debug, info, warn or error", *logLevel)
+	}
+	if o.consoleLog == "" {
+		var orphan string
+		fs.Visit(func(f *flag.Flag) {
+			if strings.HasPrefix(f.Name, "console-log-") {
+				orphan = f.Name
+			}
+		})
+		if orphan != "" {
+			return nil, usagef("--%s needs --console-log", orphan)
+		}
+	}
+	if o.logOptions.MaxSize, err = parseSize(*logMaxSize); err != nil {
+		return nil, usagef("--console-log-max-size: %v", err)
+	}
+	if o.logOptions.MaxFiles, err = strconv.Atoi(*logFiles); err != nil || o.logOptions.MaxFiles < 0 {
+		return nil, usagef("--console-log-max-files: %q is not a whole number of at least 0", *logFiles)
 	}
 	switch *logFormat {
 	case "text":

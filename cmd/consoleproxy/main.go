@@ -9,10 +9,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"runtime/debug"
 	"syscall"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/hashicorp/go-hclog"
 	"github.com/oklog/run"
@@ -24,6 +26,10 @@ var version = ""
 // drainTimeout bounds how long a stopping proxy keeps sending clients what
 // the ring holds for them.
 const drainTimeout = time.Second
+
+// logDrainTimeout bounds how long a stopping proxy waits for the console
+// log to catch up.
+const logDrainTimeout = 5 * time.Second
 
 func main() {
 	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
@@ -61,6 +67,31 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 // serve binds everything, runs the proxy until a signal or the upstream's
 // end, and shuts it down in order.
 func serve(o *options, log hclog.Logger) error {
+	// SIGHUP before any slow start-up work: its default action would kill
+	// the daemon, and logrotate may send it at any moment.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	var (
+		clog *logsink.Log
+		seed []byte
+		err  error
+	)
+	if o.consoleLog != "" {
+		if seed, err = logsink.ReadTail(o.consoleLog, o.bufferSize, o.logOptions.Timestamps); err != nil {
+			return fmt.Errorf("--console-log: %w", err)
+		}
+		if clog, err = logsink.Open(o.consoleLog, o.logOptions); err != nil {
+			return fmt.Errorf("--console-log: %w", err)
+		}
+		// Closed after the group has stopped and the log writer flushed.
+		defer func() {
+			if err := clog.Close(); err != nil {
+				log.Error("close console log", "error", err)
+			}
+		}()
+	}
 	p, err := proxy.New(proxy.Config{
 		Upstream:         o.upstream,
 		BufferSize:       o.bufferSize,
@@ -69,6 +100,7 @@ func serve(o *options, log hclog.Logger) error {
 		MaxClients:       o.maxClients,
 		DisableNotices:   !o.notices,
 		ExitWithUpstream: o.exitWithUpstream,
+		Seed:             seed,
 		Logger:           log,
 	})
 	if err != nil {
@@ -131,6 +163,43 @@ func serve(o *options, log hclog.Logger) error {
 		g.Add(func() error {
 			return serveErr(p.ServeReadOnly(lnRO), "--listen-ro")
 		}, func(error) {})
+	}
+
+	if clog != nil {
+		// Console log: stopped after the clients, so it receives everything
+		// the upstream produced; it gets logDrainTimeout to write it out (a
+		// failing disk must not hold the stop forever).
+		logCtx, logCancel := context.WithCancel(ctx)
+		logDone := make(chan struct{})
+		g.Add(func() error {
+			defer close(logDone)
+			return p.RunLog(logCtx, clog)
+		}, func(error) {
+			select {
+			case <-logDone:
+			case <-time.After(logDrainTimeout):
+				log.Warn("console log did not catch up before stopping", "timeout", logDrainTimeout)
+			}
+			logCancel()
+			<-logDone
+		})
+
+		// SIGHUP: reopen the console log after an external rotation.
+		hupCtx, hupCancel := context.WithCancel(ctx)
+		g.Add(func() error {
+			for {
+				select {
+				case <-hup:
+					if err := clog.Reopen(); err != nil {
+						log.Error("reopen console log", "error", err)
+					} else {
+						log.Info("console log reopened")
+					}
+				case <-hupCtx.Done():
+					return nil
+				}
+			}
+		}, func(error) { hupCancel() })
 	}
 
 	err = g.Run()

@@ -74,6 +74,10 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", ln, "--log-level", "loud"}, "--log-level"},
 		{[]string{"--upstream", up, "--listen", ln, "--log-format", "xml"}, "not text or json"},
 		{[]string{"--upstream", up, "--listen", ln, "--notices=maybe"}, "invalid boolean"},
+		{[]string{"--upstream", up, "--listen", ln, "--console-log-max-files", "3"}, "--console-log-max-files needs --console-log"},
+		{[]string{"--upstream", up, "--listen", ln, "--console-log-timestamps"}, "--console-log-timestamps needs --console-log"},
+		{[]string{"--upstream", up, "--listen", ln, "--console-log", "x.log", "--console-log-max-files", "-1"}, "at least 0"},
+		{[]string{"--upstream", up, "--listen", ln, "--console-log", "x.log", "--console-log-max-size", "lots"}, "--console-log-max-size"},
 	} {
 		var stdout, stderr bytes.Buffer
 		code := runMain(tc.args, &stdout, &stderr)

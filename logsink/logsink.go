@@ -1,0 +1,362 @@
+// Package logsink writes the console log: an append-only file rotated by
+// size, which tail -F and log shippers can follow.
+//
+// A Log is written by one producer (package proxy's log writer, itself a
+// reader of the console ring) and reopened from a signal handler; it starts
+// no goroutine and does no buffering of its own, so what Write returns is on
+// its way to the disk. It assumes it is the only writer of its files.
+//
+// Rotation cuts the stream at a line boundary when one is near the size
+// limit, renames PATH to PATH.1 (and PATH.1 to PATH.2, …), and starts a new
+// PATH, so that concatenating PATH.N … PATH.1 PATH gives the console output
+// with no duplicate and no gap.
+package logsink
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// FileMode is the mode of a console log the Log creates, set explicitly
+// whatever the umask: the console may show secrets, so only the owner
+// writes and only its group reads.
+const FileMode = 0o640
+
+// CutWindow is how far before the size limit a rotation looks for a newline
+// to cut after.
+const CutWindow = 4096
+
+// TimestampLen is the length of the prefix Options.Timestamps adds to each
+// line: an RFC 3339 UTC time with milliseconds and a space.
+const TimestampLen = len(timestampLayout) + 1
+
+const timestampLayout = "2006-01-02T15:04:05.000Z"
+
+// ErrSymlink is returned when the log path is a symbolic link: following it
+// would let whoever controls the link choose which file the proxy appends to.
+var ErrSymlink = errors.New("is a symbolic link; refusing to follow it")
+
+// Options configures a Log. The zero value never rotates and adds no
+// timestamps.
+type Options struct {
+	// MaxSize is the size at which the file is rotated, in file bytes
+	// (timestamps included). Zero never rotates.
+	MaxSize int64
+	// MaxFiles is how many rotated files are kept: PATH.1 (newest) to
+	// PATH.MaxFiles. Zero keeps none: a rotation starts PATH anew.
+	MaxFiles int
+	// Timestamps prefixes every line with the time its first byte was
+	// written.
+	Timestamps bool
+	// Now returns the current time; nil means time.Now. For tests.
+	Now func() time.Time
+	// Seam, when set, stands between the Log and its open file for every
+	// write. For fault-injection tests; nil means the file itself.
+	Seam func(f *os.File) io.Writer
+}
+
+// Log is an open console log. Its methods are safe for concurrent use.
+type Log struct {
+	path string
+	opts Options
+
+	mu          sync.Mutex
+	closed      bool
+	f           *os.File
+	size        int64  // bytes in f
+	atLineStart bool   // the file ends with a newline, or is empty
+	render      []byte // reused for the bytes of one Write
+}
+
+// Open opens or creates the log at path for appending. It refuses a
+// symbolic link (ErrSymlink) and anything that is not a regular file.
+func Open(path string, opts Options) (*Log, error) {
+	if opts.MaxSize < 0 || opts.MaxFiles < 0 {
+		return nil, fmt.Errorf("console log %s: negative size or file count", path)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	l := &Log{path: path, opts: opts}
+	if err := l.openLocked(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// openLocked opens l.path and learns its size and whether it ends a line.
+func (l *Log) openLocked() error {
+	const flags = os.O_WRONLY | os.O_APPEND | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	f, err := os.OpenFile(l.path, flags|os.O_CREATE|os.O_EXCL, FileMode)
+	if err == nil {
+		// Created: set the mode the umask may have narrowed or widened.
+		if err := f.Chmod(FileMode); err != nil {
+			f.Close()
+			return fmt.Errorf("console log %s: %w", l.path, err)
+		}
+	} else if errors.Is(err, os.ErrExist) {
+		f, err = os.OpenFile(l.path, flags, 0)
+	}
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return fmt.Errorf("console log %s %w", l.path, ErrSymlink)
+		}
+		return fmt.Errorf("console log: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("console log %s: %w", l.path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return fmt.Errorf("console log %s: not a regular file", l.path)
+	}
+	l.f, l.size, l.atLineStart = f, fi.Size(), true
+	if l.size > 0 {
+		last := make([]byte, 1)
+		if _, err := readAt(l.path, last, l.size-1); err != nil {
+			f.Close()
+			return fmt.Errorf("console log %s: %w", l.path, err)
+		}
+		l.atLineStart = last[0] == '\n'
+	}
+	return nil
+}
+
+func readAt(path string, b []byte, off int64) (int, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	return f.ReadAt(b, off)
+}
+
+// Write appends console output, adding timestamps and rotating as
+// configured. It returns how many bytes of p are in the log. A failed write
+// leaves the file as it was before that write (it is truncated back), so
+// the bytes of p from n on can simply be written again.
+func (l *Log) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return 0, os.ErrClosed
+	}
+	if l.f == nil {
+		// A rotation or reopen failed earlier: try again.
+		if err := l.openLocked(); err != nil {
+			return 0, err
+		}
+	}
+	out, stamps := l.renderLocked(p)
+	written := 0 // console bytes of p in the file
+	for len(out) > 0 {
+		seg, rotate := l.cutLocked(out)
+		if seg > 0 {
+			if err := l.appendLocked(out[:seg]); err != nil {
+				return written, err
+			}
+			// A segment ends at a newline or mid-line, never inside a
+			// timestamp, so its console bytes are its length less the
+			// timestamps that start in it.
+			n := 0
+			for len(stamps) > 0 && stamps[0] < seg {
+				stamps = stamps[1:]
+				n++
+			}
+			written += seg - n*TimestampLen
+			for i := range stamps {
+				stamps[i] -= seg
+			}
+			out = out[seg:]
+		}
+		if rotate {
+			if err := l.rotateLocked(); err != nil {
+				return written, err
+			}
+		}
+	}
+	return written, nil
+}
+
+// renderLocked returns p as file bytes, with a timestamp at every line
+// start when configured, and where each timestamp starts.
+func (l *Log) renderLocked(p []byte) (out []byte, stamps []int) {
+	if !l.opts.Timestamps {
+		return p, nil
+	}
+	// AppendFormat may outgrow a fixed array while formatting the fraction,
+	// so keep what it returns.
+	var arr [TimestampLen + 8]byte
+	ts := append(l.opts.Now().UTC().AppendFormat(arr[:0], timestampLayout), ' ')
+	out = l.render[:0]
+	atStart := l.atLineStart
+	for len(p) > 0 {
+		if atStart {
+			stamps = append(stamps, len(out))
+			out = append(out, ts...)
+		}
+		line := p
+		if i := bytes.IndexByte(p, '\n'); i >= 0 {
+			line = p[:i+1]
+		}
+		out = append(out, line...)
+		p = p[len(line):]
+		atStart = line[len(line)-1] == '\n'
+	}
+	l.render = out
+	return out, stamps
+}
+
+// cutLocked decides how many bytes of out go into the current file and
+// whether the file is rotated after them.
+func (l *Log) cutLocked(out []byte) (seg int, rotate bool) {
+	max := l.opts.MaxSize
+	if max == 0 {
+		return len(out), false
+	}
+	room := max - l.size
+	if room >= int64(len(out)) {
+		return len(out), false
+	}
+	if room <= 0 {
+		return 0, true
+	}
+	// The last newline within CutWindow before the limit: first in what is
+	// being written, else the file's own end.
+	window := out[:room]
+	if i := bytes.LastIndexByte(window, '\n'); i >= 0 && l.size+int64(i)+1 >= max-CutWindow {
+		return i + 1, true
+	}
+	if l.atLineStart && l.size > 0 && l.size >= max-CutWindow {
+		return 0, true
+	}
+	return int(room), true
+}
+
+// appendLocked writes b whole or, on failure, truncates the file back to
+// where it was, so that a failed write leaves no partial bytes behind.
+func (l *Log) appendLocked(b []byte) error {
+	var w io.Writer = l.f
+	if l.opts.Seam != nil {
+		w = l.opts.Seam(l.f)
+	}
+	n, err := w.Write(b)
+	if err == nil {
+		l.size += int64(n)
+		l.atLineStart = b[len(b)-1] == '\n'
+		return nil
+	}
+	if n > 0 {
+		if terr := l.f.Truncate(l.size); terr != nil {
+			// The file holds a partial write we could not take back: count
+			// it as written, so nothing is written twice.
+			if fi, serr := l.f.Stat(); serr == nil {
+				l.size = fi.Size()
+				l.atLineStart = b[n-1] == '\n'
+			}
+		}
+	}
+	return fmt.Errorf("write console log %s: %w", l.path, err)
+}
+
+// rotateLocked moves PATH to PATH.1 (shifting older files up and dropping
+// the oldest) and starts a new PATH. PATH never stops existing: the new file
+// is created under a temporary name and renamed over PATH after the old one
+// was linked to PATH.1, so a follower (tail -F, a log shipper) sees one
+// replacement and never a missing file.
+func (l *Log) rotateLocked() error {
+	if err := l.f.Close(); err != nil {
+		l.f = nil
+		return fmt.Errorf("close console log %s: %w", l.path, err)
+	}
+	l.f = nil
+	if l.opts.MaxFiles > 0 {
+		// Files beyond MaxFiles (left by a larger setting) go first.
+		for k := l.opts.MaxFiles + 1; ; k++ {
+			if err := os.Remove(l.rotated(k)); err != nil {
+				break
+			}
+		}
+		for k := l.opts.MaxFiles - 1; k >= 1; k-- {
+			if err := os.Rename(l.rotated(k), l.rotated(k+1)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("rotate console log: %w", err)
+			}
+		}
+		os.Remove(l.rotated(1)) // only there when MaxFiles is 1
+		if err := os.Link(l.path, l.rotated(1)); err != nil {
+			// No hard links here: fall back to a rename, which leaves PATH
+			// missing until it is created again below.
+			if err := os.Rename(l.path, l.rotated(1)); err != nil {
+				return fmt.Errorf("rotate console log: %w", err)
+			}
+		}
+	}
+	tmp := l.path + ".new"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, FileMode)
+	if errors.Is(err, os.ErrExist) {
+		// Left by a crash mid-rotation: ours to replace.
+		os.Remove(tmp)
+		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, FileMode)
+	}
+	if err != nil {
+		return fmt.Errorf("rotate console log: %w", err)
+	}
+	err = f.Chmod(FileMode)
+	f.Close()
+	if err == nil {
+		err = os.Rename(tmp, l.path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("rotate console log: %w", err)
+	}
+	return l.openLocked()
+}
+
+func (l *Log) rotated(k int) string { return l.path + "." + strconv.Itoa(k) }
+
+// Reopen closes the file and opens PATH again, for an external rotation
+// (logrotate's create mode followed by SIGHUP). Bytes written before Reopen
+// are in the old file; bytes after it in the new one.
+func (l *Log) Reopen() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return os.ErrClosed
+	}
+	var closeErr error
+	if l.f != nil {
+		closeErr = l.f.Close()
+		l.f = nil
+	}
+	if err := l.openLocked(); err != nil {
+		return errors.Join(closeErr, err)
+	}
+	return closeErr
+}
+
+// Close closes the file. It is safe to call more than once.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	if l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	if err != nil {
+		return fmt.Errorf("close console log %s: %w", l.path, err)
+	}
+	return nil
+}
