@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,23 +32,46 @@ var ErrBadSpec = errors.New("bad upstream spec")
 // of sun_path less its terminating NUL.
 const MaxSocketPath = 107
 
-// ParseUpstream turns an --upstream spec into an Upstream. Supported:
-// unix:PATH. A bare PATH is accepted when it names an existing socket.
+// ParseUpstream turns an --upstream spec into an Upstream:
+//
+//	unix:PATH       connect to a socket the VMM listens on
+//	pty:PATH        open a PTY (or a symlink to one) in raw mode
+//	listen:PATH     listen on PATH for the VMM to connect (see ListenUpstream)
+//	tcp:HOST:PORT   connect over TCP
+//
+// A bare PATH with no kind is accepted when it exists: a socket means unix:,
+// a character device pty:. ParseUpstream binds nothing; only a bare PATH is
+// looked at on the system.
 func ParseUpstream(spec string) (Upstream, error) {
 	kind, rest, found := strings.Cut(spec, ":")
 	if !found || strings.Contains(kind, "/") {
 		return parseBarePath(spec)
 	}
 	switch kind {
-	case "unix":
+	case "unix", "listen":
 		if err := CheckSocketPath(rest); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrBadSpec, err)
 		}
+		if kind == "listen" {
+			return &ListenUpstream{Path: rest}, nil
+		}
 		return &UnixUpstream{Path: rest}, nil
-	case "pty", "listen", "tcp":
-		return nil, fmt.Errorf("%w: %q: the %s: upstream is not supported yet", ErrBadSpec, spec, kind)
+	case "pty":
+		if rest == "" {
+			return nil, fmt.Errorf("%w: %q: empty path", ErrBadSpec, spec)
+		}
+		return &PTYUpstream{Path: rest}, nil
+	case "tcp":
+		host, port, err := net.SplitHostPort(rest)
+		if err != nil || host == "" || port == "" {
+			return nil, fmt.Errorf("%w: %q: want tcp:HOST:PORT", ErrBadSpec, spec)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("%w: %q: port %q is not 1 to 65535", ErrBadSpec, spec, port)
+		}
+		return &TCPUpstream{Address: rest}, nil
 	}
-	return nil, fmt.Errorf("%w: %q: unknown kind %q (want unix:PATH)", ErrBadSpec, spec, kind)
+	return nil, fmt.Errorf("%w: %q: unknown kind %q (want unix:, pty:, listen: or tcp:)", ErrBadSpec, spec, kind)
 }
 
 func parseBarePath(path string) (Upstream, error) {
@@ -56,12 +80,15 @@ func parseBarePath(path string) (Upstream, error) {
 	}
 	fi, err := os.Stat(path)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %q has no kind prefix (unix:PATH) and cannot be inspected: %w", ErrBadSpec, path, err)
+		return nil, fmt.Errorf("%w: %q has no kind prefix (unix:, pty:, listen:, tcp:) and cannot be inspected: %w", ErrBadSpec, path, err)
 	}
-	if fi.Mode().Type() == os.ModeSocket {
+	switch fi.Mode().Type() {
+	case os.ModeSocket:
 		return ParseUpstream("unix:" + path)
+	case os.ModeDevice | os.ModeCharDevice:
+		return ParseUpstream("pty:" + path)
 	}
-	return nil, fmt.Errorf("%w: %q has no kind prefix and is not a socket (want unix:PATH)", ErrBadSpec, path)
+	return nil, fmt.Errorf("%w: %q has no kind prefix and is neither a socket nor a character device", ErrBadSpec, path)
 }
 
 // CheckSocketPath reports whether path can name a Unix socket: not empty and
@@ -77,7 +104,9 @@ func CheckSocketPath(path string) error {
 }
 
 // UnixUpstream connects to a socket the VMM listens on (Cloud Hypervisor's
-// --serial socket=PATH, QEMU's -chardev socket,server=on).
+// --serial socket=PATH, QEMU's -chardev socket,server=on). While the socket
+// is missing, RunUpstream watches its directory, so it attaches within
+// milliseconds of the VMM creating it.
 type UnixUpstream struct {
 	Path string
 }
@@ -90,16 +119,97 @@ func (u *UnixUpstream) Dial(ctx context.Context) (io.ReadWriteCloser, error) {
 
 func (u *UnixUpstream) String() string { return "unix:" + u.Path }
 
-// Reconnect timing. A VMM that restarts is reattached after minBackoff; a
-// VMM that keeps refusing or dropping us is retried at most every
-// maxBackoff. The backoff resets only after a connection has stayed up for
-// stableAfter, so a VMM that accepts and at once drops us cannot make the
-// proxy spin.
+func (u *UnixUpstream) watchPath() string { return u.Path }
+
+// TCPUpstream connects to a VMM's console over TCP (QEMU -chardev
+// socket,host=…,port=…,server=on; Cloud Hypervisor's TCP serial).
+type TCPUpstream struct {
+	Address string // host:port
+}
+
+// Dial connects to Address once.
+func (u *TCPUpstream) Dial(ctx context.Context) (io.ReadWriteCloser, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", u.Address)
+}
+
+func (u *TCPUpstream) String() string { return "tcp:" + u.Address }
+
+// ListenUpstream listens on a socket that the VMM connects to (QEMU
+// -chardev socket,server=off; Cloud Hypervisor's connect role). It serves
+// one VMM connection at a time: a second VMM waits in the backlog until the
+// first closes, as QEMU's own server sockets do. Call Listen before
+// RunUpstream, so a path in the way fails the start; Close removes the
+// socket.
+type ListenUpstream struct {
+	Path   string
+	Socket SocketOptions
+
+	ln *SocketListener
+}
+
+// Listen creates the socket, with the same rules as client sockets.
+func (u *ListenUpstream) Listen() error {
+	ln, err := Listen(u.Path, u.Socket)
+	if err != nil {
+		return err
+	}
+	u.ln = ln
+	return nil
+}
+
+// Dial waits for the next VMM connection.
+func (u *ListenUpstream) Dial(ctx context.Context) (io.ReadWriteCloser, error) {
+	if u.ln == nil {
+		return nil, errors.New("listen upstream: Listen was not called")
+	}
+	stop := context.AfterFunc(ctx, func() { u.ln.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	conn, err := u.ln.Accept()
+	if err != nil && ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	return conn, err
+}
+
+// Close stops listening and removes the socket if it is still ours.
+func (u *ListenUpstream) Close() error {
+	if u.ln == nil {
+		return nil
+	}
+	return u.ln.Close()
+}
+
+func (u *ListenUpstream) String() string { return "listen:" + u.Path }
+
+// Reconnect timing. A VMM that restarts is reattached after minBackoff, or
+// at once where its socket's directory can be watched; one that keeps
+// refusing is retried at most every maxBackoff. The backoff resets only
+// after a connection has stayed up for stableAfter, so a VMM that accepts
+// and at once drops the proxy cannot make it spin.
 const (
 	minBackoff  = 10 * time.Millisecond
 	maxBackoff  = time.Second
 	stableAfter = 5 * time.Second
+
+	// fastRetry follows a change to the watched path: a VMM creates its
+	// socket with bind() a moment before listen(), and a connect() in
+	// between is refused.
+	fastRetry = 100 * time.Microsecond
+
+	// takeoverWindow and takeoverBackoff: Cloud Hypervisor lets the newest
+	// connection win, so a connection dropped this soon while the socket
+	// still exists was most likely taken over by another client. Retrying
+	// no sooner than takeoverBackoff keeps the proxy from fighting it.
+	takeoverWindow  = time.Second
+	takeoverBackoff = 250 * time.Millisecond
 )
+
+// pathWatcher is an Upstream at a filesystem path that can be watched while
+// it is missing.
+type pathWatcher interface {
+	watchPath() string
+}
 
 // upstreamReadSize is the read size on the upstream: large enough that a
 // flood costs few wake-ups, small enough to stay cache-resident.
@@ -108,14 +218,19 @@ const upstreamReadSize = 64 << 10
 // RunUpstream keeps the upstream connected and drains it into the ring until
 // ctx is done, then returns nil. It reconnects with backoff after failures
 // and lost connections; with ExitWithUpstream it returns nil once the first
-// connection ends. Call it once.
+// connection ends. When the upstream can be closed (ListenUpstream), it is
+// closed on return. Call it once.
 func (p *Proxy) RunUpstream(ctx context.Context) error {
-	log := p.log.Named("upstream").With("upstream", p.cfg.Upstream.String())
+	up := p.cfg.Upstream
+	if c, ok := up.(io.Closer); ok {
+		defer c.Close()
+	}
+	log := p.log.Named("upstream").With("upstream", up.String())
 	buf := make([]byte, upstreamReadSize)
 	delay := minBackoff
 	failures := 0
 	for {
-		conn, err := p.cfg.Upstream.Dial(ctx)
+		conn, err := up.Dial(ctx)
 		if ctx.Err() != nil {
 			if err == nil {
 				conn.Close()
@@ -131,10 +246,21 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				log.Debug("upstream not reachable", "error", err, "attempts", failures+1)
 			}
 			failures++
-			if !sleep(ctx, delay) {
+			changed := false
+			if w, ok := up.(pathWatcher); ok {
+				changed = waitForPath(ctx, w.watchPath(), delay)
+			} else {
+				sleep(ctx, delay)
+			}
+			if ctx.Err() != nil {
 				return nil
 			}
-			delay = min(2*delay, maxBackoff)
+			log.Trace("retrying upstream", "path_changed", changed, "waited_at_most", delay)
+			if changed {
+				delay = fastRetry
+			} else {
+				delay = min(2*delay, maxBackoff)
+			}
 			continue
 		}
 		failures = 0
@@ -143,14 +269,22 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		up := time.Since(connected)
-		log.Info("upstream lost", "reason", reason, "uptime", up.Round(time.Millisecond))
+		uptime := time.Since(connected)
+		log.Info("upstream lost", "reason", reason, "uptime", uptime.Round(time.Millisecond))
 		p.appendNotice(noticeLost(reason))
 		if p.cfg.ExitWithUpstream {
 			return nil
 		}
-		if up >= stableAfter {
+		if uptime >= stableAfter {
 			delay = minBackoff
+		}
+		if w, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" {
+			if _, err := os.Stat(w.watchPath()); err == nil {
+				log.Warn("upstream closed the connection right after accepting it while its socket still exists; "+
+					"another client probably connected to the VMM directly and took the console over; backing off",
+					"uptime", uptime.Round(time.Millisecond))
+				delay = max(delay, takeoverBackoff)
+			}
 		}
 		if !sleep(ctx, delay) {
 			return nil

@@ -107,15 +107,23 @@ func serve(o *options, log hclog.Logger) error {
 		return err
 	}
 	// Bind before anything runs, so that a socket in the way fails the start
-	// instead of a running daemon.
+	// instead of a running daemon. RunUpstream closes the listen: socket.
+	if lu, ok := o.upstream.(*proxy.ListenUpstream); ok {
+		lu.Socket = o.socket
+		if err := lu.Listen(); err != nil {
+			return fmt.Errorf("--upstream: %w", err)
+		}
+	}
 	ln, err := proxy.Listen(o.listen, o.socket)
 	if err != nil {
+		closeUpstream(o.upstream)
 		return fmt.Errorf("--listen: %w", err)
 	}
 	var lnRO *proxy.SocketListener
 	if o.listenRO != "" {
 		if lnRO, err = proxy.Listen(o.listenRO, o.socket); err != nil {
 			ln.Close()
+			closeUpstream(o.upstream)
 			return fmt.Errorf("--listen-ro: %w", err)
 		}
 	}
@@ -211,6 +219,14 @@ func serve(o *options, log hclog.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// closeUpstream releases an upstream that holds a socket (listen:), for
+// start-up failures after it was bound.
+func closeUpstream(up proxy.Upstream) {
+	if c, ok := up.(io.Closer); ok {
+		c.Close()
+	}
 }
 
 // serveErr maps the normal end of Serve to nil.
