@@ -85,8 +85,17 @@ func (s *syncBuffer) String() string {
 
 func start(t *testing.T, stdin io.Reader, name string, args ...string) *proc {
 	t.Helper()
+	return startWith(t, nil, stdin, name, args...)
+}
+
+// startWith is start with a hook to adjust the command before it starts.
+func startWith(t *testing.T, adjust func(*proc), stdin io.Reader, name string, args ...string) *proc {
+	t.Helper()
 	cmd := exec.Command(name, args...)
 	p := &proc{cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
+	if adjust != nil {
+		adjust(p)
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, p.stdout, p.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)

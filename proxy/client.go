@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,10 +38,10 @@ type client struct {
 
 	closeOnce sync.Once
 
-	// Totals, each written by one goroutine and read after both ended.
-	bytesOut  uint64
-	bytesIn   uint64 // input sent to the upstream
-	discarded uint64 // input not sent: read-only, or upstream down
+	// Totals, atomic so that they can be reported while the client runs.
+	bytesOut  atomic.Uint64
+	bytesIn   atomic.Uint64 // input sent to the upstream
+	discarded atomic.Uint64 // input not sent: read-only, or upstream down
 }
 
 // close ends both of the client's goroutines. Safe to call more than once
@@ -105,6 +106,13 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 // closing.
 func (p *Proxy) admit(conn net.Conn, readOnly bool, log hclog.Logger) {
 	cred := peerCred(conn)
+	// Access before capacity: a refused peer learns nothing about the
+	// proxy's load.
+	if !p.cfg.Access.Allows(cred) {
+		log.Warn("client refused: access denied", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+		refuse(conn, noticeDenied)
+		return
+	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -167,7 +175,7 @@ func (c *client) run() {
 	case errors.Is(err, io.EOF):
 		reason = "proxy stopping"
 	}
-	c.log.Info("client disconnected", "reason", reason, "bytes_out", c.bytesOut, "bytes_in", c.bytesIn, "input_discarded", c.discarded, "dropped", dropped)
+	c.log.Info("client disconnected", "reason", reason, "bytes_out", c.bytesOut.Load(), "bytes_in", c.bytesIn.Load(), "input_discarded", c.discarded.Load(), "dropped", dropped)
 }
 
 // writeOutput sends the reader's walk to the client until either ends.
@@ -191,7 +199,7 @@ func (c *client) writeOutput() error {
 		if err != nil {
 			return err
 		}
-		c.bytesOut += uint64(n)
+		c.bytesOut.Add(uint64(n))
 	}
 }
 
@@ -205,11 +213,11 @@ func (c *client) readInput() {
 		if n > 0 {
 			switch {
 			case c.readOnly:
-				c.discarded += uint64(n)
+				c.discarded.Add(uint64(n))
 			case c.p.writeInput(buf[:n]):
-				c.bytesIn += uint64(n)
+				c.bytesIn.Add(uint64(n))
 			default:
-				c.discarded += uint64(n)
+				c.discarded.Add(uint64(n))
 			}
 		}
 		if err != nil {

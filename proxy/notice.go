@@ -6,6 +6,7 @@ import "strconv"
 const (
 	noticeConnected = "upstream connected"
 	noticeRestarted = "restarted; history above is from the console log"
+	noticeDenied    = "access denied"
 	noticePrefix    = "[consoleproxy] "
 )
 

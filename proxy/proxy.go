@@ -95,6 +95,8 @@ type Config struct {
 	// MaxClients bounds the socket clients across all served listeners.
 	// Zero means DefaultMaxClients.
 	MaxClients int
+	// Access, when not nil, limits who may connect to served sockets.
+	Access *Access
 	// DisableNotices keeps the upstream and drop notices out of the stream.
 	// Refusal notices are always sent.
 	DisableNotices bool

@@ -66,7 +66,7 @@ func LookupGroup(group string) (int, error) {
 	}
 	g, err := user.LookupGroup(group)
 	if err != nil {
-		return 0, fmt.Errorf("socket group %q: %w", group, err)
+		return 0, fmt.Errorf("socket group %s: %w", group, err)
 	}
 	return strconv.Atoi(g.Gid)
 }

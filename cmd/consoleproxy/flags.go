@@ -42,6 +42,8 @@ type options struct {
 	socket           proxy.SocketOptions
 	notices          bool
 	exitWithUpstream bool
+	allowUIDs        []string // names or ids, resolved at start
+	allowGIDs        []string
 	consoleLog       string
 	logOptions       logsink.Options
 	logLevel         hclog.Level
@@ -60,17 +62,29 @@ for a client: one that falls a whole buffer behind is told how many bytes it
 missed.
 
 Upstream (where the console comes from):
-  --upstream SPEC          unix:PATH  connect to the VMM's socket (Cloud Hypervisor
-                           --serial socket=PATH, QEMU -chardev socket,server=on),
-                           reconnecting forever. A bare PATH naming a socket means unix:PATH.
+  --upstream SPEC          unix:PATH      connect to the VMM's socket (Cloud Hypervisor
+                                          --serial socket=PATH, QEMU -chardev socket,server=on)
+                           pty:PATH       open a PTY or a symlink to one, in raw mode
+                                          (QEMU -serial pty, Cloud Hypervisor --serial pty)
+                           listen:PATH    listen for the VMM to connect, one at a time
+                                          (QEMU -chardev socket,server=off)
+                           tcp:HOST:PORT  connect over TCP
+                           Every kind reconnects forever. A bare PATH is accepted when it
+                           exists: a socket means unix:, a character device pty:.
   --exit-with-upstream     exit 0 when the upstream closes instead of reconnecting
 
 Client sockets:
   --listen PATH            read-write client socket (required)
   --listen-ro PATH         read-only client socket: output only, input discarded
-  --socket-mode MODE       octal mode of the client sockets (default 0600)
-  --socket-group GROUP     group name or gid of the client sockets
+  --socket-mode MODE       octal mode of the client sockets and of a listen: socket
+                           (default 0600)
+  --socket-group GROUP     group name or gid of those sockets
   --max-clients N          clients across both sockets (default 64)
+  --allow-uid LIST         comma list of users (names or uids) allowed to connect
+  --allow-gid LIST         comma list of groups (names or gids) allowed to connect;
+                           with either, a client whose uid or primary gid (from the
+                           kernel, SO_PEERCRED) matches neither is refused; root always
+                           may. Without both, the socket mode alone decides.
 
 History and slow clients:
   --buffer-size SIZE       history kept in memory, 4KiB to 1GiB (default 1MiB)
@@ -122,6 +136,8 @@ func parseArgs(args []string) (*options, error) {
 		socketMode = fs.String("socket-mode", "0600", "")
 		logLevel   = fs.String("log-level", "info", "")
 		logFormat  = fs.String("log-format", "text", "")
+		allowUID   = fs.String("allow-uid", "", "")
+		allowGID   = fs.String("allow-gid", "", "")
 		logMaxSize = fs.String("console-log-max-size", "16MiB", "")
 		logFiles   = fs.String("console-log-max-files", "5", "")
 		o          = &options{}
@@ -209,6 +225,17 @@ func parseArgs(args []string) (*options, error) {
 	o.socket.Mode = os.FileMode(mode)
 	if o.logLevel = hclog.LevelFromString(*logLevel); o.logLevel == hclog.NoLevel || o.logLevel == hclog.Off {
 		return nil, usagef("--log-level: %q is not trace, debug, info, warn or error", *logLevel)
+	}
+	for _, a := range []struct {
+		flag, list string
+		ids        *[]string
+	}{{"--allow-uid", *allowUID, &o.allowUIDs}, {"--allow-gid", *allowGID, &o.allowGIDs}} {
+		if a.list == "" {
+			continue
+		}
+		if *a.ids, err = proxy.SplitIDList(a.list); err != nil {
+			return nil, usagef("%s: %v", a.flag, err)
+		}
 	}
 	if o.consoleLog == "" {
 		var orphan string

@@ -92,12 +92,17 @@ func serve(o *options, log hclog.Logger) error {
 			}
 		}()
 	}
+	access, err := resolveAccess(o)
+	if err != nil {
+		return err
+	}
 	p, err := proxy.New(proxy.Config{
 		Upstream:         o.upstream,
 		BufferSize:       o.bufferSize,
 		Replay:           o.replay,
 		SlowClient:       o.slowClient,
 		MaxClients:       o.maxClients,
+		Access:           access,
 		DisableNotices:   !o.notices,
 		ExitWithUpstream: o.exitWithUpstream,
 		Seed:             seed,
@@ -219,6 +224,23 @@ func serve(o *options, log hclog.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// resolveAccess looks up the --allow-uid and --allow-gid names. Names that
+// do not exist are found on the system, so they are runtime failures.
+func resolveAccess(o *options) (*proxy.Access, error) {
+	if o.allowUIDs == nil && o.allowGIDs == nil {
+		return nil, nil
+	}
+	var a proxy.Access
+	var err error
+	if a.UIDs, err = proxy.LookupUIDs(o.allowUIDs); err != nil {
+		return nil, fmt.Errorf("--allow-uid: %w", err)
+	}
+	if a.GIDs, err = proxy.LookupGIDs(o.allowGIDs); err != nil {
+		return nil, fmt.Errorf("--allow-gid: %w", err)
+	}
+	return &a, nil
 }
 
 // closeUpstream releases an upstream that holds a socket (listen:), for

@@ -77,6 +77,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", ln, "--log-level", "loud"}, "--log-level"},
 		{[]string{"--upstream", up, "--listen", ln, "--log-format", "xml"}, "not text or json"},
 		{[]string{"--upstream", up, "--listen", ln, "--notices=maybe"}, "invalid boolean"},
+		{[]string{"--upstream", up, "--listen", ln, "--allow-uid", "0,,1"}, "--allow-uid: \"0,,1\" has an empty element"},
+		{[]string{"--upstream", up, "--listen", ln, "--allow-gid", ","}, "--allow-gid"},
 		{[]string{"--upstream", up, "--listen", ln, "--console-log-max-files", "3"}, "--console-log-max-files needs --console-log"},
 		{[]string{"--upstream", up, "--listen", ln, "--console-log-timestamps"}, "--console-log-timestamps needs --console-log"},
 		{[]string{"--upstream", up, "--listen", ln, "--console-log", "x.log", "--console-log-max-files", "-1"}, "at least 0"},
@@ -256,14 +258,18 @@ func TestRuntimeFailuresExit1(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
+	ok := filepath.Join(dir, "ok.sock")
 	for _, tc := range []struct {
 		listen, want string
+		extra        []string
 	}{
-		{filepath.Join(dir, "missing", "c.sock"), filepath.Join(dir, "missing")},
-		{regular, "is not a socket; not removing it"},
-		{live, "a live process is listening on it"},
+		{filepath.Join(dir, "missing", "c.sock"), filepath.Join(dir, "missing"), nil},
+		{regular, "is not a socket; not removing it", nil},
+		{live, "a live process is listening on it", nil},
+		{ok, `--allow-uid: user: unknown user no-such-user-here`, []string{"--allow-uid", "no-such-user-here"}},
+		{ok, "socket group no-such-group-here: group: unknown group", []string{"--socket-group", "no-such-group-here"}},
 	} {
-		d := startDaemon(t, "--upstream", up, "--listen", tc.listen)
+		d := startDaemon(t, append([]string{"--upstream", up, "--listen", tc.listen}, tc.extra...)...)
 		if code := d.exitCode(t); code != 1 {
 			t.Errorf("--listen %s: exit %d, want 1", tc.listen, code)
 		}
