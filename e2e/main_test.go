@@ -211,6 +211,19 @@ func (v *vmm) write(t *testing.T, b []byte) {
 	}
 }
 
+// send writes b to the connected proxy; for goroutines, which may not
+// call t.Fatal.
+func (v *vmm) send(b []byte) error {
+	v.mu.Lock()
+	conn := v.conn
+	v.mu.Unlock()
+	if conn == nil {
+		return fmt.Errorf("no connection")
+	}
+	_, err := conn.Write(b)
+	return err
+}
+
 // startProxy runs the real binary against a fresh VMM socket and returns
 // the client socket's path once the proxy is attached.
 func startProxy(t *testing.T, extra ...string) (sock string, daemon *proc) {

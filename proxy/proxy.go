@@ -19,6 +19,12 @@
 // time, whole and untranslated. Input that arrives while the upstream is down
 // is discarded and counted.
 //
+// As a library, a program runs a console proxy in-process: New, then
+// RunUpstream in a goroutine; then any of Serve (a Unix socket for socat and
+// nc, created with Listen), NewReader (replay and live output, in-process),
+// WriteInput (type into the VM) and RunLog (a console log); and to stop,
+// cancel RunUpstream's context and call Shutdown. See Example.
+//
 // The package is the only one in consoleproxy with sockets and goroutines;
 // every goroutine it starts ends when Shutdown or Close returns, or when the
 // context given to RunUpstream or RunLog is done.

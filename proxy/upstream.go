@@ -344,6 +344,21 @@ func lostReason(err error) string {
 	return err.Error()
 }
 
+// ErrUpstreamDown is returned by WriteInput while the upstream is not
+// connected. The input is discarded, as a client's would be.
+var ErrUpstreamDown = errors.New("upstream not connected")
+
+// WriteInput sends b to the VMM as one write, never interleaved with a
+// client's input, as if a read-write client had typed it. It blocks while a
+// VMM does not read its input (output keeps flowing meanwhile). It returns
+// ErrUpstreamDown, discarding b, while the upstream is not connected.
+func (p *Proxy) WriteInput(b []byte) error {
+	if !p.writeInput(b) {
+		return ErrUpstreamDown
+	}
+	return nil
+}
+
 // writeInput writes one client read to the upstream, whole. It reports
 // whether the bytes were sent; while the upstream is down they are counted
 // as discarded.

@@ -67,8 +67,14 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 // serve binds everything, runs the proxy until a signal or the upstream's
 // end, and shuts it down in order.
 func serve(o *options, log hclog.Logger) error {
-	// SIGHUP before any slow start-up work: its default action would kill
-	// the daemon, and logrotate may send it at any moment.
+	// Signals are registered before anything else: their default action
+	// kills the daemon, and a SIGTERM that arrives during start-up must be a
+	// clean stop once the group runs (run.SignalHandler would register only
+	// when its actor starts, after the sockets are up). logrotate may send
+	// SIGHUP at any moment.
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(term)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -141,7 +147,14 @@ func serve(o *options, log hclog.Logger) error {
 	defer cancel()
 
 	// Signals: SIGINT or SIGTERM ends the group with a clean stop.
-	g.Add(run.SignalHandler(ctx, os.Interrupt, syscall.SIGTERM))
+	g.Add(func() error {
+		select {
+		case sig := <-term:
+			return stopSignal{sig}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}, func(error) { cancel() })
 
 	// Upstream: stopped first, and waited for, so the ring stops growing
 	// and clients can be drained to its end. With --exit-with-upstream its
@@ -216,15 +229,18 @@ func serve(o *options, log hclog.Logger) error {
 	}
 
 	err = g.Run()
-	// SignalHandler returns *run.SignalError; its value-receiver As method
-	// matches without filling the target, so ask for the pointer.
-	var sig *run.SignalError
+	var sig stopSignal
 	if errors.As(err, &sig) {
-		log.Info("stopped", "signal", sig.Signal.String())
+		log.Info("stopped", "signal", sig.String())
 		return nil
 	}
 	return err
 }
+
+// stopSignal ends the group on SIGINT or SIGTERM: a clean stop.
+type stopSignal struct{ os.Signal }
+
+func (s stopSignal) Error() string { return "received " + s.String() }
 
 // resolveAccess looks up the --allow-uid and --allow-gid names. Names that
 // do not exist are found on the system, so they are runtime failures.

@@ -1,0 +1,19 @@
+# Conveniences; the README's two commands need none of this.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
+
+.PHONY: build test guest demo bench
+
+# A static binary with the version stamped in.
+build:
+	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o consoleproxy ./cmd/consoleproxy
+
+test:
+	go test -race ./...
+
+# The tiny Linux guest the QEMU test and the demo boot (cached in .cache/guest).
+guest:
+	scripts/guest-assets.sh
+
+# A VM under QEMU with its console behind consoleproxy; Ctrl-C stops it.
+demo: build
+	scripts/demo.sh
