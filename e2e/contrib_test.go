@@ -12,7 +12,7 @@ import (
 // instantiated, with ExecStart pointing at the binary under test (verify
 // checks that it exists).
 func TestSystemdUnitVerifies(t *testing.T) {
-	need(t, "systemd-analyze")
+	Need(t, "systemd-analyze")
 	unit, err := os.ReadFile(filepath.Join("..", "contrib", "systemd", "consoleproxy@.service"))
 	if err != nil {
 		t.Fatal(err)

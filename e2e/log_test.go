@@ -46,11 +46,11 @@ func concatLogs(t *testing.T, path string, n int) []byte {
 }
 
 func TestTailFollowsEveryRotation(t *testing.T) {
-	need(t, "tail")
+	Need(t, "tail")
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "console.log")
 	_, _, v := startProxyIn(t, dir, "--console-log", logPath, "--console-log-max-size", "64KiB", "--console-log-max-files", "3")
-	tail := start(t, nil, "tail", "-F", "-n", "+1", "-s", "0.05", logPath)
+	tail := Start(t, nil, "tail", "-F", "-n", "+1", "-s", "0.05", logPath)
 	want := "[consoleproxy] upstream connected\r\n" + strings.ReplaceAll(bootLog, `\n`, "\n")
 	data := lines(0, 2<<20)
 	// Paced so that tail, which reads a file until it is replaced, is never
@@ -60,13 +60,13 @@ func TestTailFollowsEveryRotation(t *testing.T) {
 		chunk := data[off:min(off+16<<10, len(data))]
 		v.write(t, chunk)
 		want += string(chunk)
-		waitFor(t, "tail to follow", func() bool { return len(tail.stdout.String()) >= len(want) })
+		WaitFor(t, "tail to follow", func() bool { return len(tail.Stdout.String()) >= len(want) })
 	}
-	if got := tail.stdout.String(); got != want {
+	if got := tail.Stdout.String(); got != want {
 		t.Fatalf("tail -F saw %d bytes, want %d; first difference at %d", len(got), len(want), firstDiff(got, want))
 	}
-	if n := strings.Count(tail.stderr.String(), "has been replaced"); n < 20 {
-		t.Errorf("tail saw %d rotations, want at least 20; stderr:\n%s", n, tail.stderr)
+	if n := strings.Count(tail.Stderr.String(), "has been replaced"); n < 20 {
+		t.Errorf("tail saw %d rotations, want at least 20; stderr:\n%s", n, tail.Stderr)
 	}
 	if all := concatLogs(t, logPath, 3); !strings.HasSuffix(want, string(all)) || len(all) < 3*(64<<10-4096) {
 		t.Errorf("PATH.3 … PATH (%d bytes) are not the tail of the stream", len(all))
@@ -91,15 +91,15 @@ func TestSIGHUPAfterExternalRenameLosesNothing(t *testing.T) {
 	_, daemon, v := startProxyIn(t, dir, "--console-log", logPath)
 	a, b, c := lines(0, 100<<10), lines(100000, 100<<10), lines(200000, 100<<10)
 	v.write(t, a)
-	waitFor(t, "the log to hold A", func() bool { return bytes.HasSuffix(fileContents(t, logPath), a) })
+	WaitFor(t, "the log to hold A", func() bool { return bytes.HasSuffix(fileContents(t, logPath), a) })
 	if err := os.Rename(logPath, logPath+".old"); err != nil {
 		t.Fatal(err)
 	}
 	v.write(t, b) // lands in the renamed file, through the open descriptor
-	daemon.cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, "the reopen", func() bool { return strings.Contains(daemon.stderr.String(), "console log reopened") })
+	daemon.Cmd.Process.Signal(syscall.SIGHUP)
+	WaitFor(t, "the reopen", func() bool { return strings.Contains(daemon.Stderr.String(), "console log reopened") })
 	v.write(t, c)
-	waitFor(t, "the log to hold C", func() bool { return bytes.HasSuffix(fileContents(t, logPath), c) })
+	WaitFor(t, "the log to hold C", func() bool { return bytes.HasSuffix(fileContents(t, logPath), c) })
 	got := append(fileContents(t, logPath+".old"), fileContents(t, logPath)...)
 	want := "[consoleproxy] upstream connected\r\n" + strings.ReplaceAll(bootLog, `\n`, "\n") + string(a) + string(b) + string(c)
 	if string(got) != want {
@@ -121,14 +121,14 @@ func TestTimestampsOnlyInTheLog(t *testing.T) {
 	}
 	defer conn.Close()
 	// With no replay, the client sees the output only if it is admitted first.
-	waitFor(t, "the client to attach", func() bool { return strings.Contains(daemon.stderr.String(), "client connected") })
+	WaitFor(t, "the client to attach", func() bool { return strings.Contains(daemon.Stderr.String(), "client connected") })
 	v.write(t, []byte("\nfirst\nsecond\n"))
-	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	conn.SetReadDeadline(time.Now().Add(WaitTimeout))
 	got := make([]byte, len("\nfirst\nsecond\n"))
 	if _, err := io.ReadFull(conn, got); err != nil || string(got) != "\nfirst\nsecond\n" {
 		t.Errorf("client stream %q, %v; want no timestamps", got, err)
 	}
-	waitFor(t, "the log", func() bool { return bytes.HasSuffix(fileContents(t, logPath), []byte("second\n")) })
+	WaitFor(t, "the log", func() bool { return bytes.HasSuffix(fileContents(t, logPath), []byte("second\n")) })
 	ts := `\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z `
 	re := regexp.MustCompile(`^` + ts + `\[consoleproxy\] upstream connected\r\n` + ts + `Linux version 6\.1\.0 \(boot log\)\n` +
 		ts + `guest login: \n` + ts + `first\n` + ts + `second\n$`)
@@ -142,10 +142,10 @@ func TestRestartReplaysHistoryFromTheLog(t *testing.T) {
 	logPath := filepath.Join(dir, "console.log")
 	_, daemon, v := startProxyIn(t, dir, "--console-log", logPath, "--console-log-timestamps")
 	v.write(t, []byte("\nhistory before the restart\n"))
-	waitFor(t, "the log", func() bool { return bytes.HasSuffix(fileContents(t, logPath), []byte("restart\n")) })
-	daemon.cmd.Process.Signal(syscall.SIGTERM)
-	if code := daemon.wait(t); code != 0 {
-		t.Fatalf("exit %d: %s", code, daemon.stderr)
+	WaitFor(t, "the log", func() bool { return bytes.HasSuffix(fileContents(t, logPath), []byte("restart\n")) })
+	daemon.Cmd.Process.Signal(syscall.SIGTERM)
+	if code := daemon.Wait(t); code != 0 {
+		t.Fatalf("exit %d: %s", code, daemon.Stderr)
 	}
 
 	// A new proxy on the same log, with a VMM that has rebooted.
@@ -160,7 +160,7 @@ func TestRestartReplaysHistoryFromTheLog(t *testing.T) {
 	want := "[consoleproxy] upstream connected\r\n" + boot + "\nhistory before the restart\n" +
 		"[consoleproxy] restarted; history above is from the console log\r\n" +
 		"[consoleproxy] upstream connected\r\n" + boot
-	conn.SetReadDeadline(time.Now().Add(waitTimeout))
+	conn.SetReadDeadline(time.Now().Add(WaitTimeout))
 	got := make([]byte, len(want))
 	if _, err := io.ReadFull(conn, got); err != nil || string(got) != want {
 		t.Errorf("after restart the client got %q, %v; want %q", got, err, want)
@@ -173,11 +173,11 @@ func TestSymlinkedLogIsRefused(t *testing.T) {
 	os.WriteFile(target, []byte("root:x:0:0\n"), 0o644)
 	link := filepath.Join(dir, "console.log")
 	os.Symlink(target, link)
-	p := start(t, nil, binary, "--upstream", "unix:"+filepath.Join(dir, "vmm.sock"), "--listen", filepath.Join(dir, "c.sock"), "--console-log", link)
-	if code := p.wait(t); code != 1 {
+	p := Start(t, nil, binary, "--upstream", "unix:"+filepath.Join(dir, "vmm.sock"), "--listen", filepath.Join(dir, "c.sock"), "--console-log", link)
+	if code := p.Wait(t); code != 1 {
 		t.Errorf("exit %d, want 1", code)
 	}
-	if msg := p.stderr.String(); !strings.Contains(msg, "symbolic link") || strings.Count(msg, "\n") != 1 {
+	if msg := p.Stderr.String(); !strings.Contains(msg, "symbolic link") || strings.Count(msg, "\n") != 1 {
 		t.Errorf("stderr %q, want one line about the symbolic link", msg)
 	}
 	if b, _ := os.ReadFile(target); string(b) != "root:x:0:0\n" {

@@ -15,7 +15,7 @@ import (
 // TestLogrotateRotatesTheLiveLogWithNoByteLost runs the real logrotate, with
 // create and a postrotate SIGHUP, against a proxy while the VM streams.
 func TestLogrotateRotatesTheLiveLogWithNoByteLost(t *testing.T) {
-	need(t, "logrotate")
+	Need(t, "logrotate")
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "console.log")
 	_, daemon, v := startProxyIn(t, dir, "--console-log", logPath, "--console-log-max-size", "0")
@@ -28,7 +28,7 @@ func TestLogrotateRotatesTheLiveLogWithNoByteLost(t *testing.T) {
         kill -HUP %d
     endscript
 }
-`, logPath, daemon.cmd.Process.Pid)), 0o644)
+`, logPath, daemon.Cmd.Process.Pid)), 0o644)
 
 	// The VM prints while logrotate runs.
 	var (
@@ -52,12 +52,12 @@ func TestLogrotateRotatesTheLiveLogWithNoByteLost(t *testing.T) {
 		if err != nil {
 			t.Fatalf("logrotate #%d: %v\n%s", i+1, err, out)
 		}
-		waitFor(t, "the reopen", func() bool { return strings.Count(daemon.stderr.String(), "console log reopened") >= i+1 })
+		WaitFor(t, "the reopen", func() bool { return strings.Count(daemon.Stderr.String(), "console log reopened") >= i+1 })
 	}
 	stop.Store(true)
 	wg.Wait()
 	want := "[consoleproxy] upstream connected\r\n" + strings.ReplaceAll(bootLog, `\n`, "\n") + string(written)
-	waitFor(t, "the log to catch up", func() bool { return bytes.HasSuffix(fileContents(t, logPath), written[len(written)-20:]) })
+	WaitFor(t, "the log to catch up", func() bool { return bytes.HasSuffix(fileContents(t, logPath), written[len(written)-20:]) })
 	if got := string(concatLogs(t, logPath, 3)); got != want {
 		t.Errorf("console.log.3 … console.log hold %d bytes, want %d; first difference at %d", len(got), len(want), firstDiff(got, want))
 	}

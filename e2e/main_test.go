@@ -1,23 +1,17 @@
 package e2e
 
 import (
-	"bytes"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
 )
-
-const waitTimeout = 30 * time.Second
 
 // binary is the consoleproxy built for this run by TestMain.
 var binary string
@@ -28,11 +22,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	binary = filepath.Join(dir, "consoleproxy")
-	build := exec.Command("go", "build", "-race", "-o", binary, "github.com/consoleproxy/consoleproxy/cmd/consoleproxy")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build consoleproxy:", err)
+	if binary, err = BuildBinary(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := m.Run()
@@ -43,101 +34,6 @@ func TestMain(m *testing.M) {
 		code = 1
 	}
 	os.Exit(code)
-}
-
-// need skips the test when a program it drives is not installed.
-func need(t *testing.T, programs ...string) {
-	t.Helper()
-	for _, p := range programs {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s is not installed (apt-get install socat netcat-openbsd); .ci/run installs it", p)
-		}
-	}
-}
-
-// proc is a process the test started; it is killed at cleanup.
-type proc struct {
-	cmd    *exec.Cmd
-	stdout *syncBuffer
-	stderr *syncBuffer
-	done   chan struct{}
-	err    error
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's writes and the test's
-// reads at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func start(t *testing.T, stdin io.Reader, name string, args ...string) *proc {
-	t.Helper()
-	return startWith(t, nil, stdin, name, args...)
-}
-
-// startWith is start with a hook to adjust the command before it starts.
-func startWith(t *testing.T, adjust func(*proc), stdin io.Reader, name string, args ...string) *proc {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	p := &proc{cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
-	if adjust != nil {
-		adjust(p)
-	}
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, p.stdout, p.stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.done
-	})
-	return p
-}
-
-// wait waits for the process to exit and returns its exit code.
-func (p *proc) wait(t *testing.T) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(waitTimeout):
-		t.Fatalf("%s did not exit; stderr:\n%s", p.cmd.Path, p.stderr)
-	}
-	if p.err == nil {
-		return 0
-	}
-	if ee, ok := p.err.(*exec.ExitError); ok {
-		return ee.ExitCode()
-	}
-	t.Fatalf("%s: %v", p.cmd.Path, p.err)
-	return -1
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // vmm is a minimal VMM console socket: it prints a boot log to its client
@@ -200,7 +96,7 @@ func startVMM(t *testing.T, path string) *vmm {
 func (v *vmm) write(t *testing.T, b []byte) {
 	t.Helper()
 	var conn net.Conn
-	waitFor(t, "the proxy to connect to the VMM", func() bool {
+	WaitFor(t, "the proxy to connect to the VMM", func() bool {
 		v.mu.Lock()
 		defer v.mu.Unlock()
 		conn = v.conn
@@ -226,7 +122,7 @@ func (v *vmm) send(b []byte) error {
 
 // startProxy runs the real binary against a fresh VMM socket and returns
 // the client socket's path once the proxy is attached.
-func startProxy(t *testing.T, extra ...string) (sock string, daemon *proc) {
+func startProxy(t *testing.T, extra ...string) (sock string, daemon *Proc) {
 	t.Helper()
 	sock, daemon, _ = startProxyIn(t, t.TempDir(), extra...)
 	return sock, daemon
@@ -234,65 +130,65 @@ func startProxy(t *testing.T, extra ...string) (sock string, daemon *proc) {
 
 // startProxyIn is startProxy with the sockets in dir; it also returns the
 // VMM.
-func startProxyIn(t *testing.T, dir string, extra ...string) (sock string, daemon *proc, v *vmm) {
+func startProxyIn(t *testing.T, dir string, extra ...string) (sock string, daemon *Proc, v *vmm) {
 	t.Helper()
 	vmmPath, sock := filepath.Join(dir, "vmm.sock"), filepath.Join(dir, "console.sock")
 	v = startVMM(t, vmmPath)
 	args := append([]string{"--upstream", "unix:" + vmmPath, "--listen", sock, "--log-level", "debug"}, extra...)
-	daemon = start(t, nil, binary, args...)
-	waitFor(t, "the proxy to attach", func() bool { return strings.Contains(daemon.stderr.String(), "upstream connected") })
+	daemon = Start(t, nil, binary, args...)
+	WaitFor(t, "the proxy to attach", func() bool { return strings.Contains(daemon.Stderr.String(), "upstream connected") })
 	return sock, daemon, v
 }
 
 const replay = "[consoleproxy] upstream connected\r\nLinux version 6.1.0 (boot log)\nguest login: "
 
 func TestSocatReceivesReplay(t *testing.T) {
-	need(t, "socat")
+	Need(t, "socat")
 	sock, _ := startProxy(t)
 	// socat ends at its input's EOF after -t seconds: long enough to read
 	// the replay, which the proxy sends at once.
-	p := start(t, strings.NewReader(""), "socat", "-t", "1", "-", "UNIX-CONNECT:"+sock)
-	if code := p.wait(t); code != 0 {
-		t.Fatalf("socat exit %d: %s", code, p.stderr)
+	p := Start(t, strings.NewReader(""), "socat", "-t", "1", "-", "UNIX-CONNECT:"+sock)
+	if code := p.Wait(t); code != 0 {
+		t.Fatalf("socat exit %d: %s", code, p.Stderr)
 	}
-	if got := p.stdout.String(); got != replay {
+	if got := p.Stdout.String(); got != replay {
 		t.Errorf("socat received %q, want %q", got, replay)
 	}
 }
 
 func TestNetcatReceivesReplay(t *testing.T) {
-	need(t, "nc")
+	Need(t, "nc")
 	sock, _ := startProxy(t)
-	p := start(t, nil, "nc", "-U", sock)
-	waitFor(t, "nc to receive the replay", func() bool { return p.stdout.String() == replay })
+	p := Start(t, nil, "nc", "-U", sock)
+	WaitFor(t, "nc to receive the replay", func() bool { return p.Stdout.String() == replay })
 }
 
 func TestNetcatHalfCloseGetsTheAnswer(t *testing.T) {
-	need(t, "nc")
+	Need(t, "nc")
 	sock, _ := startProxy(t, "--replay", "none")
 	// nc -N shuts down its writing side at the end of its input and keeps
 	// reading: the proxy must keep sending until nc closes.
-	p := start(t, strings.NewReader("uname -a\n"), "nc", "-N", "-U", sock)
-	waitFor(t, "the answer", func() bool { return strings.Contains(p.stdout.String(), "Linux guest 6.1.0") })
+	p := Start(t, strings.NewReader("uname -a\n"), "nc", "-N", "-U", sock)
+	WaitFor(t, "the answer", func() bool { return strings.Contains(p.Stdout.String(), "Linux guest 6.1.0") })
 }
 
 func TestSocatTypesIntoTheVM(t *testing.T) {
-	need(t, "socat")
+	Need(t, "socat")
 	sock, daemon := startProxy(t, "--replay", "none")
-	viewer := start(t, nil, "socat", "-u", "UNIX-CONNECT:"+sock, "-")
+	viewer := Start(t, nil, "socat", "-u", "UNIX-CONNECT:"+sock, "-")
 	// With no replay, the viewer sees the answer only if it is attached
 	// before the typist types.
-	waitFor(t, "the viewer to attach", func() bool { return strings.Contains(daemon.stderr.String(), "client connected") })
-	typist := start(t, strings.NewReader("uname -a\n"), "socat", "-t", "2", "-", "UNIX-CONNECT:"+sock)
-	waitFor(t, "the typist to see the answer", func() bool { return strings.Contains(typist.stdout.String(), "Linux guest 6.1.0") })
-	waitFor(t, "the viewer to see the answer", func() bool { return strings.Contains(viewer.stdout.String(), "Linux guest 6.1.0") })
+	WaitFor(t, "the viewer to attach", func() bool { return strings.Contains(daemon.Stderr.String(), "client connected") })
+	typist := Start(t, strings.NewReader("uname -a\n"), "socat", "-t", "2", "-", "UNIX-CONNECT:"+sock)
+	WaitFor(t, "the typist to see the answer", func() bool { return strings.Contains(typist.Stdout.String(), "Linux guest 6.1.0") })
+	WaitFor(t, "the viewer to see the answer", func() bool { return strings.Contains(viewer.Stdout.String(), "Linux guest 6.1.0") })
 }
 
 func TestSIGTERMCleanStop(t *testing.T) {
 	sock, daemon := startProxy(t)
-	daemon.cmd.Process.Signal(syscall.SIGTERM)
-	if code := daemon.wait(t); code != 0 {
-		t.Fatalf("exit %d after SIGTERM: %s", code, daemon.stderr)
+	daemon.Cmd.Process.Signal(syscall.SIGTERM)
+	if code := daemon.Wait(t); code != 0 {
+		t.Fatalf("exit %d after SIGTERM: %s", code, daemon.Stderr)
 	}
 	if _, err := os.Lstat(sock); err == nil {
 		t.Error("socket file left behind")

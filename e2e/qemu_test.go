@@ -22,7 +22,7 @@ const banner = "CONSOLEPROXY-GUEST-READY"
 // prepares, skipping the test when QEMU or they are missing.
 func guest(t *testing.T) (kernel, initrd string) {
 	t.Helper()
-	need(t, "qemu-system-x86_64")
+	Need(t, "qemu-system-x86_64")
 	dir := os.Getenv("CONSOLEPROXY_GUEST_DIR")
 	if dir == "" {
 		dir = filepath.Join("..", ".cache", "guest")
@@ -49,12 +49,12 @@ func accel() string {
 	return "tcg"
 }
 
-func startQEMU(t *testing.T, serial ...string) *proc {
+func startQEMU(t *testing.T, serial ...string) *Proc {
 	t.Helper()
 	kernel, initrd := guest(t)
 	args := []string{"-accel", accel(), "-m", "256", "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
 		"-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 panic=-1"}
-	return start(t, nil, "qemu-system-x86_64", append(args, serial...)...)
+	return Start(t, nil, "qemu-system-x86_64", append(args, serial...)...)
 }
 
 // console is a client of the proxy that keeps everything it received.
@@ -104,7 +104,7 @@ func TestQEMUGuestOverASocket(t *testing.T) {
 	guest(t)
 	dir := t.TempDir()
 	serial, sock, logPath := filepath.Join(dir, "serial.sock"), filepath.Join(dir, "console.sock"), filepath.Join(dir, "console.log")
-	proxy := start(t, nil, binary, "--upstream", "unix:"+serial, "--listen", sock, "--console-log", logPath)
+	proxy := Start(t, nil, binary, "--upstream", "unix:"+serial, "--listen", sock, "--console-log", logPath)
 	chardev := []string{"-chardev", "socket,id=s0,path=" + serial + ",server=on,wait=off", "-serial", "chardev:s0"}
 	qemu := startQEMU(t, chardev...)
 
@@ -112,7 +112,7 @@ func TestQEMUGuestOverASocket(t *testing.T) {
 	deadline := time.Now().Add(bootTimeout)
 	for !bytes.Contains(fileContents(t, logPath), []byte(banner)) {
 		if time.Now().After(deadline) {
-			t.Fatalf("no banner in the console log; QEMU: %s; proxy: %s", qemu.stderr, proxy.stderr)
+			t.Fatalf("no banner in the console log; QEMU: %s; proxy: %s", qemu.Stderr, proxy.Stderr)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -133,8 +133,8 @@ func TestQEMUGuestOverASocket(t *testing.T) {
 
 	// The VM dies and boots again on the same socket: the clients stay and
 	// see the second boot.
-	qemu.cmd.Process.Kill()
-	qemu.wait(t)
+	qemu.Cmd.Process.Kill()
+	qemu.Wait(t)
 	a.waitFor(lostRE, 1, 30*time.Second)
 	startQEMU(t, chardev...)
 	for _, c := range []*console{a, b} {
@@ -152,12 +152,12 @@ func TestQEMUGuestOverAPTY(t *testing.T) {
 	guest(t)
 	dir := t.TempDir()
 	link, sock := filepath.Join(dir, "serial.pty"), filepath.Join(dir, "console.sock")
-	bootOnPTY := func() *proc {
+	bootOnPTY := func() *Proc {
 		qemu := startQEMU(t, "-serial", "pty")
 		re := regexp.MustCompile(`char device redirected to (/dev/pts/\d+)`)
 		var pts string
-		waitFor(t, "QEMU to name its PTY", func() bool {
-			m := re.FindStringSubmatch(qemu.stdout.String() + qemu.stderr.String())
+		WaitFor(t, "QEMU to name its PTY", func() bool {
+			m := re.FindStringSubmatch(qemu.Stdout.String() + qemu.Stderr.String())
 			if m != nil {
 				pts = m[1]
 			}
@@ -175,17 +175,17 @@ func TestQEMUGuestOverAPTY(t *testing.T) {
 		return qemu
 	}
 	qemu := bootOnPTY()
-	start(t, nil, binary, "--upstream", "pty:"+link, "--listen", sock)
+	Start(t, nil, binary, "--upstream", "pty:"+link, "--listen", sock)
 	var a *console
-	waitFor(t, "the client socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	WaitFor(t, "the client socket", func() bool { _, err := os.Stat(sock); return err == nil })
 	a = attach(t, sock)
 	a.waitFor(bannerRE, 1, bootTimeout)
 	cmd, answer := sum()
 	a.conn.Write([]byte(cmd))
 	a.waitFor(answer, 1, 60*time.Second)
 
-	qemu.cmd.Process.Kill()
-	qemu.wait(t)
+	qemu.Cmd.Process.Kill()
+	qemu.Wait(t)
 	a.waitFor(lostRE, 1, 30*time.Second)
 	bootOnPTY()
 	a.waitFor(bannerRE, 2, bootTimeout)

@@ -12,7 +12,7 @@ import (
 const nobody = 65534
 
 func TestAllowUIDWithARealClientOfAnotherUser(t *testing.T) {
-	need(t, "socat")
+	Need(t, "socat")
 	if os.Getuid() != 0 {
 		t.Skip("running a client as another user needs root; CI runs as root")
 	}
@@ -33,16 +33,16 @@ func TestAllowUIDWithARealClientOfAnotherUser(t *testing.T) {
 			os.Chmod(filepath.Dir(dir), 0o755)
 			sock, daemon, _ := startProxyIn(t, dir, "--allow-uid", tc.allow, "--socket-mode", "0666")
 			client := startCredential(t, nobody, "socat", "-t", "1", "-", "UNIX-CONNECT:"+sock)
-			if code := client.wait(t); code != 0 {
-				t.Fatalf("socat as nobody: exit %d: %s", code, client.stderr)
+			if code := client.Wait(t); code != 0 {
+				t.Fatalf("socat as nobody: exit %d: %s", code, client.Stderr)
 			}
-			if got := client.stdout.String(); got != tc.want {
+			if got := client.Stdout.String(); got != tc.want {
 				t.Errorf("--allow-uid %s: nobody received %q, want %q", tc.allow, got, tc.want)
 			}
 			if tc.want != replay {
-				waitFor(t, "the refusal in the log", func() bool {
-					return strings.Contains(daemon.stderr.String(), "access denied") &&
-						strings.Contains(daemon.stderr.String(), "uid=65534")
+				WaitFor(t, "the refusal in the log", func() bool {
+					return strings.Contains(daemon.Stderr.String(), "access denied") &&
+						strings.Contains(daemon.Stderr.String(), "uid=65534")
 				})
 			}
 		})
@@ -50,32 +50,32 @@ func TestAllowUIDWithARealClientOfAnotherUser(t *testing.T) {
 }
 
 // startCredential starts a program as uid and gid id.
-func startCredential(t *testing.T, id uint32, name string, args ...string) *proc {
+func startCredential(t *testing.T, id uint32, name string, args ...string) *Proc {
 	t.Helper()
-	return startWith(t, func(p *proc) {
-		p.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id, Gid: id}}
+	return StartWith(t, func(p *Proc) {
+		p.Cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id, Gid: id}}
 	}, strings.NewReader(""), name, args...)
 }
 
 func TestSecondProxyOnALivePathFails(t *testing.T) {
 	dir := t.TempDir()
 	sock, first, _ := startProxyIn(t, dir)
-	second := start(t, nil, binary, "--upstream", "unix:"+filepath.Join(dir, "vmm.sock"), "--listen", sock)
-	if code := second.wait(t); code != 1 {
+	second := Start(t, nil, binary, "--upstream", "unix:"+filepath.Join(dir, "vmm.sock"), "--listen", sock)
+	if code := second.Wait(t); code != 1 {
 		t.Fatalf("second proxy: exit %d, want 1", code)
 	}
-	if msg := second.stderr.String(); !strings.Contains(msg, sock) || !strings.Contains(msg, "live process") {
+	if msg := second.Stderr.String(); !strings.Contains(msg, sock) || !strings.Contains(msg, "live process") {
 		t.Errorf("second proxy's message %q does not name the live socket", msg)
 	}
 	// The first keeps serving.
-	need(t, "socat")
-	client := start(t, strings.NewReader(""), "socat", "-t", "1", "-", "UNIX-CONNECT:"+sock)
-	if client.wait(t); client.stdout.String() != replay {
-		t.Errorf("the first proxy no longer serves: %q", client.stdout.String())
+	Need(t, "socat")
+	client := Start(t, strings.NewReader(""), "socat", "-t", "1", "-", "UNIX-CONNECT:"+sock)
+	if client.Wait(t); client.Stdout.String() != replay {
+		t.Errorf("the first proxy no longer serves: %q", client.Stdout.String())
 	}
 	select {
-	case <-first.done:
-		t.Errorf("the first proxy exited: %s", first.stderr)
+	case <-first.Done:
+		t.Errorf("the first proxy exited: %s", first.Stderr)
 	default:
 	}
 }
@@ -88,9 +88,9 @@ func TestOverlongSocketPathIsAUsageError(t *testing.T) {
 		{"--upstream", "listen:" + long, "--listen", "/tmp/c.sock"},
 		{"--upstream", "unix:/tmp/vmm.sock", "--listen", "/tmp/c.sock", "--listen-ro", long},
 	} {
-		p := start(t, nil, binary, args...)
-		if code := p.wait(t); code != 2 || !strings.Contains(p.stderr.String(), "longer than the system limit of 107") {
-			t.Errorf("%q: exit %d, %q", args, code, p.stderr)
+		p := Start(t, nil, binary, args...)
+		if code := p.Wait(t); code != 2 || !strings.Contains(p.Stderr.String(), "longer than the system limit of 107") {
+			t.Errorf("%q: exit %d, %q", args, code, p.Stderr)
 		}
 	}
 }

@@ -30,11 +30,15 @@ const refusalTimeout = time.Second
 
 // client is one connection on a served socket.
 type client struct {
-	p        *Proxy
-	conn     net.Conn
-	r        *Reader
-	readOnly bool
-	log      hclog.Logger
+	p         *Proxy
+	conn      net.Conn
+	r         *Reader
+	readOnly  bool
+	log       hclog.Logger
+	id        uint64
+	socket    string
+	cred      unix.Ucred
+	connected time.Time
 
 	closeOnce sync.Once
 
@@ -98,13 +102,13 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 			return err
 		}
 		delay = minBackoff
-		p.admit(conn, readOnly, log)
+		p.admit(conn, ln.Addr().String(), readOnly, log)
 	}
 }
 
 // admit starts serving conn, or refuses it when the proxy is full or
 // closing.
-func (p *Proxy) admit(conn net.Conn, readOnly bool, log hclog.Logger) {
+func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Logger) {
 	cred := peerCred(conn)
 	// Access before capacity: a refused peer learns nothing about the
 	// proxy's load.
@@ -127,10 +131,14 @@ func (p *Proxy) admit(conn net.Conn, readOnly bool, log hclog.Logger) {
 	}
 	p.nextID++
 	c := &client{
-		p:        p,
-		conn:     conn,
-		readOnly: readOnly,
-		log:      log.With("client", p.nextID),
+		p:         p,
+		conn:      conn,
+		readOnly:  readOnly,
+		log:       log.With("client", p.nextID),
+		id:        p.nextID,
+		socket:    socket,
+		cred:      cred,
+		connected: time.Now(),
 	}
 	c.r = p.newReaderLocked(!p.cfg.DisableNotices, p.cfg.SlowClient)
 	p.clients[c] = struct{}{}
@@ -166,7 +174,11 @@ func (c *client) run() {
 
 	p.mu.Lock()
 	delete(p.clients, c)
-	dropped := c.r.dropped
+	final := c.statsLocked()
+	p.totals.BytesOut += final.BytesOut
+	p.totals.BytesIn += final.BytesIn
+	p.totals.InputDiscarded += final.InputDiscarded
+	p.totals.Dropped += final.Dropped
 	p.mu.Unlock()
 	reason := "closed"
 	switch {
@@ -175,7 +187,7 @@ func (c *client) run() {
 	case errors.Is(err, io.EOF):
 		reason = "proxy stopping"
 	}
-	c.log.Info("client disconnected", "reason", reason, "bytes_out", c.bytesOut.Load(), "bytes_in", c.bytesIn.Load(), "input_discarded", c.discarded.Load(), "dropped", dropped)
+	c.log.Info("client disconnected", "reason", reason, "bytes_out", final.BytesOut, "bytes_in", final.BytesIn, "input_discarded", final.InputDiscarded, "dropped", final.Dropped)
 }
 
 // writeOutput sends the reader's walk to the client until either ends.

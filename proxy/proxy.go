@@ -137,6 +137,11 @@ type Proxy struct {
 	nextID    uint64
 	logReader *Reader // the console log writer's cursor; see RunLog
 
+	// Counters for Stats. totals holds the finished clients' figures.
+	totals           Stats
+	upstreamBytes    uint64
+	upstreamConnects uint64
+
 	// inputMu serialises input writes, so each client read reaches the
 	// upstream whole. It is held across the write, which may block on a VMM
 	// that does not read: that delays input only, never output.
@@ -197,6 +202,7 @@ func New(cfg Config) (*Proxy, error) {
 // It never blocks on a reader: it holds mu only for the copy.
 func (p *Proxy) appendOutput(b []byte) {
 	p.mu.Lock()
+	p.upstreamBytes += uint64(len(b))
 	p.ring.Write(b)
 	p.wakeLocked()
 	p.mu.Unlock()

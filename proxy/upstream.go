@@ -299,6 +299,9 @@ func (p *Proxy) drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, 
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 
+	p.mu.Lock()
+	p.upstreamConnects++
+	p.mu.Unlock()
 	p.inputMu.Lock()
 	p.upstream = conn
 	discarded := p.discarded

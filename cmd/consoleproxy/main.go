@@ -78,6 +78,10 @@ func serve(o *options, log hclog.Logger) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	started := time.Now()
 
 	var (
 		clog *logsink.Log
@@ -191,6 +195,22 @@ func serve(o *options, log hclog.Logger) error {
 		}, func(error) {})
 	}
 
+	// SIGUSR1: one log line per client and a totals line, for an operator
+	// who wants to know who is attached and how the proxy is doing.
+	{
+		usrCtx, usrCancel := context.WithCancel(ctx)
+		g.Add(func() error {
+			for {
+				select {
+				case <-usr1:
+					logStats(log, p.Stats(), time.Since(started))
+				case <-usrCtx.Done():
+					return nil
+				}
+			}
+		}, func(error) { usrCancel() })
+	}
+
 	if clog != nil {
 		// Console log: stopped after the clients, so it receives everything
 		// the upstream produced; it gets logDrainTimeout to write it out (a
@@ -235,6 +255,18 @@ func serve(o *options, log hclog.Logger) error {
 		return nil
 	}
 	return err
+}
+
+func logStats(log hclog.Logger, s proxy.Stats, uptime time.Duration) {
+	for _, c := range s.Clients {
+		log.Info("client", "client", c.ID, "socket", c.Socket, "pid", c.PID, "uid", c.UID, "gid", c.GID,
+			"read_only", c.ReadOnly, "connected_for", time.Since(c.Connected).Round(time.Second),
+			"bytes_out", c.BytesOut, "bytes_in", c.BytesIn, "input_discarded", c.InputDiscarded, "dropped", c.Dropped)
+	}
+	log.Info("totals", "uptime", uptime.Round(time.Second), "clients", len(s.Clients), "clients_served", s.ClientsServed,
+		"upstream_up", s.UpstreamUp, "upstream_connects", s.UpstreamConnects, "upstream_bytes", s.UpstreamBytes,
+		"bytes_out", s.BytesOut, "bytes_in", s.BytesIn, "input_discarded", s.InputDiscarded, "dropped", s.Dropped,
+		"goroutines", s.Goroutines)
 }
 
 // stopSignal ends the group on SIGINT or SIGTERM: a clean stop.
