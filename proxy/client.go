@@ -234,12 +234,30 @@ func (c *client) readInput() {
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) && !hungUp(c.conn) {
-				return
+				// Half-closed: output goes on. Wait, without a thread, for
+				// the peer to close entirely, so that a client that leaves
+				// while the console is quiet is released at once.
+				waitHangUp(c.conn)
 			}
 			c.close()
 			return
 		}
 	}
+}
+
+// waitHangUp blocks until the peer of conn has closed entirely or conn is
+// closed. It parks in the runtime's poller: the kernel reports a peer's
+// close as readiness (EPOLLHUP) even after EOF was read.
+func waitHangUp(conn net.Conn) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	raw.Read(func(fd uintptr) bool { return pollHUP(fd) })
 }
 
 // hungUp reports whether the peer of a connection that read EOF has closed
@@ -256,13 +274,16 @@ func hungUp(conn net.Conn) bool {
 		return true
 	}
 	hup := false
-	raw.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
-		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
-			hup = fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
-		}
-	})
+	raw.Control(func(fd uintptr) { hup = pollHUP(fd) })
 	return hup
+}
+
+// pollHUP reports, without waiting, whether both directions of the socket
+// at fd are shut.
+func pollHUP(fd uintptr) bool {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
 }
 
 // peerCred returns the connecting process's credentials (SO_PEERCRED), or

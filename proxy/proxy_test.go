@@ -489,6 +489,25 @@ func TestHungUpClientIsReleasedWithoutOutput(t *testing.T) {
 	waitFor(t, "hung-up clients to be released", func() bool { return p.clientCount() == 0 })
 }
 
+func TestHalfClosedThenClosedClientIsReleasedWithoutOutput(t *testing.T) {
+	checkLeaks(t)
+	p, vmm := startPair(t, Config{})
+	conn := dial(t, p).(*net.UnixConn)
+	conn.Write([]byte("ls\n"))
+	conn.CloseWrite()
+	waitFor(t, "the input", func() bool { return string(vmm.Input()) == "ls\n" })
+	// The half-closed client is still served...
+	if n := p.clientCount(); n != 1 {
+		t.Fatalf("%d clients after a half-close, want 1", n)
+	}
+	// ...and released as soon as it closes, though the VMM prints nothing.
+	conn.Close()
+	waitFor(t, "the client to be released", func() bool { return p.clientCount() == 0 })
+	if s := p.Stats(); s.BytesIn != 3 || s.ClientsServed != 1 || len(s.Clients) != 0 {
+		t.Errorf("Stats = %+v", s)
+	}
+}
+
 func TestShutdownDrainsClients(t *testing.T) {
 	checkLeaks(t)
 	p, vmm := startPair(t, Config{})

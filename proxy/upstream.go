@@ -246,12 +246,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				log.Debug("upstream not reachable", "error", err, "attempts", failures+1)
 			}
 			failures++
-			changed := false
-			if w, ok := up.(pathWatcher); ok {
-				changed = waitForPath(ctx, w.watchPath(), delay)
-			} else {
-				sleep(ctx, delay)
-			}
+			changed := waitRetry(ctx, up, delay)
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -286,11 +281,27 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				delay = max(delay, takeoverBackoff)
 			}
 		}
-		if !sleep(ctx, delay) {
+		// A VMM that comes back creates its socket anew, which ends the wait
+		// at once; one that took the console over leaves it alone.
+		if waitRetry(ctx, up, delay) {
+			delay = fastRetry
+		} else {
+			delay = min(2*delay, maxBackoff)
+		}
+		if ctx.Err() != nil {
 			return nil
 		}
-		delay = min(2*delay, maxBackoff)
 	}
+}
+
+// waitRetry waits up to delay before the next attempt, less when the
+// upstream's path changes, and reports whether it did.
+func waitRetry(ctx context.Context, up Upstream, delay time.Duration) bool {
+	if w, ok := up.(pathWatcher); ok {
+		return waitForPath(ctx, w.watchPath(), delay)
+	}
+	sleep(ctx, delay)
+	return false
 }
 
 // drain copies one upstream connection into the ring until it ends or ctx is
