@@ -16,11 +16,15 @@ import (
 // CI machines are shared, and never a substitute for a condition.
 const WaitTimeout = 30 * time.Second
 
-// BuildBinary builds consoleproxy, with the race detector, into dir and
-// returns its path. Test packages call it from TestMain.
-func BuildBinary(dir string) (string, error) {
+// BuildBinary builds consoleproxy into dir, with the race detector when
+// race is set, and returns its path. Test packages call it from TestMain.
+func BuildBinary(dir string, race bool) (string, error) {
 	bin := filepath.Join(dir, "consoleproxy")
-	build := exec.Command("go", "build", "-race", "-o", bin, "github.com/consoleproxy/consoleproxy/cmd/consoleproxy")
+	args := []string{"build", "-o", bin}
+	if race {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "github.com/consoleproxy/consoleproxy/cmd/consoleproxy")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		return "", fmt.Errorf("build consoleproxy: %w", err)

@@ -230,6 +230,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	delay := minBackoff
 	failures := 0
 	for {
+		before := pathOf(up)
 		conn, err := up.Dial(ctx)
 		if ctx.Err() != nil {
 			if err == nil {
@@ -246,7 +247,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				log.Debug("upstream not reachable", "error", err, "attempts", failures+1)
 			}
 			failures++
-			changed := waitRetry(ctx, up, delay)
+			changed := waitRetry(ctx, up, delay, before)
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -283,7 +284,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 		}
 		// A VMM that comes back creates its socket anew, which ends the wait
 		// at once; one that took the console over leaves it alone.
-		if waitRetry(ctx, up, delay) {
+		if waitRetry(ctx, up, delay, before) {
 			delay = fastRetry
 		} else {
 			delay = min(2*delay, maxBackoff)
@@ -294,11 +295,20 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	}
 }
 
-// waitRetry waits up to delay before the next attempt, less when the
-// upstream's path changes, and reports whether it did.
-func waitRetry(ctx context.Context, up Upstream, delay time.Duration) bool {
+// pathOf returns what the upstream's path names now, for waitRetry to
+// tell whether it changed since.
+func pathOf(up Upstream) pathID {
 	if w, ok := up.(pathWatcher); ok {
-		return waitForPath(ctx, w.watchPath(), delay)
+		return statPath(w.watchPath())
+	}
+	return pathID{}
+}
+
+// waitRetry waits up to delay before the next attempt, less when the
+// upstream's path changes from before, and reports whether it did.
+func waitRetry(ctx context.Context, up Upstream, delay time.Duration, before pathID) bool {
+	if w, ok := up.(pathWatcher); ok {
+		return waitForPath(ctx, w.watchPath(), delay, before)
 	}
 	sleep(ctx, delay)
 	return false

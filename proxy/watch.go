@@ -18,13 +18,32 @@ import (
 const watchMask = unix.IN_CREATE | unix.IN_MOVED_TO | unix.IN_ATTRIB |
 	unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_ONLYDIR
 
+// pathID identifies what a path names, following symlinks: a VMM that
+// restarts creates a new socket at the same path. Filesystems reuse a freed
+// inode number at once, so the change time, set when the file is created,
+// is part of the identity.
+type pathID struct {
+	dev, ino uint64
+	ctime    unix.Timespec
+	exists   bool
+}
+
+func statPath(path string) pathID {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return pathID{}
+	}
+	return pathID{dev: st.Dev, ino: st.Ino, ctime: st.Ctim, exists: true}
+}
+
 // waitForPath waits up to timeout for a change that may let path be opened:
-// path, or the missing directory on the way to it, being created. It
-// watches the nearest existing ancestor with inotify, so the wait costs no
-// CPU and ends within milliseconds of the change; it reports whether such a
-// change woke it. Where inotify is unavailable it simply sleeps. It returns
-// early when ctx is done.
-func waitForPath(ctx context.Context, path string, timeout time.Duration) bool {
+// path, or the missing directory on the way to it, being created, or path
+// naming something other than before (what statPath returned before the
+// last attempt). It watches the nearest existing ancestor with inotify, so
+// the wait costs no CPU and ends within milliseconds of the change; it
+// reports whether such a change woke it. Where inotify is unavailable it
+// simply sleeps. It returns early when ctx is done.
+func waitForPath(ctx context.Context, path string, timeout time.Duration, before pathID) bool {
 	deadline := time.Now().Add(timeout)
 	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	if err != nil {
@@ -48,9 +67,9 @@ func waitForPath(ctx context.Context, path string, timeout time.Duration) bool {
 		sleep(ctx, timeout)
 		return false
 	}
-	// The missing component may have appeared between the failed attempt
-	// and the watch: that is a change too.
-	if d, n := nearestExisting(path); d != dir || n != name {
+	// A change between the last attempt and the watch would raise no
+	// event: look for one now.
+	if d, n := nearestExisting(path); d != dir || n != name || statPath(path) != before {
 		return true
 	}
 	f.SetReadDeadline(deadline)

@@ -218,11 +218,9 @@ func parseArgs(args []string) (*options, error) {
 	if o.maxClients, err = strconv.Atoi(*maxClients); err != nil || o.maxClients < 1 {
 		return nil, usagef("--max-clients: %q is not a whole number of at least 1", *maxClients)
 	}
-	mode, err := strconv.ParseUint(*socketMode, 8, 32)
-	if err != nil || mode > 0o777 || mode == 0 {
-		return nil, usagef("--socket-mode: %q is not an octal mode from 0001 to 0777", *socketMode)
+	if o.socket.Mode, err = parseMode(*socketMode); err != nil {
+		return nil, usagef("--socket-mode: %v", err)
 	}
-	o.socket.Mode = os.FileMode(mode)
 	if o.logLevel = hclog.LevelFromString(*logLevel); o.logLevel == hclog.NoLevel || o.logLevel == hclog.Off {
 		return nil, usagef("--log-level: %q is not trace, debug, info, warn or error", *logLevel)
 	}
@@ -262,6 +260,16 @@ func parseArgs(args []string) (*options, error) {
 		return nil, usagef("--log-format: %q is not text or json", *logFormat)
 	}
 	return o, nil
+}
+
+// parseMode parses an octal permission mode, 0001 to 0777: no setuid,
+// setgid or sticky bits, which mean nothing on a socket.
+func parseMode(s string) (os.FileMode, error) {
+	mode, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || mode > 0o777 || mode == 0 {
+		return 0, fmt.Errorf("%q is not an octal mode from 0001 to 0777", s)
+	}
+	return os.FileMode(mode), nil
 }
 
 // parseSize parses a byte count with an optional binary unit, case
