@@ -51,6 +51,11 @@ func TestVMMRestartsKeepEveryClientAndEveryByte(t *testing.T) {
 	}
 	elapsed := time.Since(start)
 	for i, cl := range clients {
+		// The last restart's notice follows the VMM's accept.
+		e2e.WaitFor(t, fmt.Sprintf("client %d to see the last reconnect", i), func() bool {
+			_, notices, _, _, _ := cl.state()
+			return strings.Count(strings.Join(notices, "\n"), "upstream connected") == cycles+1
+		})
 		next, notices, announced, err, eof := cl.state()
 		connected := strings.Count(strings.Join(notices, "\n"), "upstream connected")
 		lost := strings.Count(strings.Join(notices, "\n"), "upstream lost")
