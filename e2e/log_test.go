@@ -115,6 +115,9 @@ func TestTimestampsOnlyInTheLog(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "console.log")
 	sock, daemon, v := startProxyIn(t, dir, "--console-log", logPath, "--console-log-timestamps", "--replay", "none")
+	// The VMM's boot banner must be history before the client comes, or it
+	// arrives as live output.
+	WaitFor(t, "the boot banner in the log", func() bool { return bytes.Contains(fileContents(t, logPath), []byte("guest login: ")) })
 	conn, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatal(err)

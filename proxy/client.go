@@ -215,22 +215,29 @@ func (c *client) writeOutput() error {
 	}
 }
 
+// inputBufs holds client input buffers. A client takes one only while a
+// read has data for it, so an idle client, waiting for input in the poller,
+// holds none.
+var inputBufs = sync.Pool{New: func() any { b := make([]byte, inputBufSize); return &b }}
+
 // readInput forwards the client's input until it closes or half-closes. A
 // half-closed client keeps receiving output; one that hung up entirely is
 // closed at once rather than when the next output fails to reach it.
 func (c *client) readInput() {
-	buf := make([]byte, inputBufSize)
 	for {
-		n, err := c.conn.Read(buf)
+		bp, n, err := c.read()
 		if n > 0 {
 			switch {
 			case c.readOnly:
 				c.discarded.Add(uint64(n))
-			case c.p.writeInput(buf[:n]):
+			case c.p.writeInput((*bp)[:n]):
 				c.bytesIn.Add(uint64(n))
 			default:
 				c.discarded.Add(uint64(n))
 			}
+		}
+		if bp != nil {
+			inputBufs.Put(bp)
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) && !hungUp(c.conn) {
@@ -243,6 +250,47 @@ func (c *client) readInput() {
 			return
 		}
 	}
+}
+
+// read waits for input and reads it into a pooled buffer, which it returns
+// for the caller to put back. It waits in the runtime's poller with no
+// buffer taken.
+func (c *client) read() (bp *[]byte, n int, err error) {
+	sc, ok := c.conn.(syscall.Conn)
+	if !ok {
+		bp = inputBufs.Get().(*[]byte)
+		n, err = c.conn.Read(*bp)
+		return bp, n, err
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil, 0, err
+	}
+	var rerr error
+	err = raw.Read(func(fd uintptr) bool {
+		bp = inputBufs.Get().(*[]byte)
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			inputBufs.Put(bp)
+			bp = nil
+			return false // wait for input, holding nothing
+		}
+		return true
+	})
+	switch {
+	case err != nil:
+		return bp, 0, err
+	case rerr != nil:
+		return bp, 0, rerr
+	case n == 0:
+		return bp, 0, io.EOF
+	}
+	return bp, n, nil
 }
 
 // waitHangUp blocks until the peer of conn has closed entirely or conn is

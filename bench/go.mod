@@ -1,0 +1,3 @@
+module github.com/consoleproxy/consoleproxy/bench
+
+go 1.26
