@@ -14,6 +14,11 @@ test:
 guest:
 	scripts/guest-assets.sh
 
+# The process-level benchmark: a table (bench/results.md) and a plot
+# (bench/results.svg), with socat and a direct client in the same run.
+bench:
+	cd bench && go run . -out .
+
 # A VM under QEMU with its console behind consoleproxy; Ctrl-C stops it.
 demo: build
 	scripts/demo.sh

@@ -118,8 +118,10 @@ func (c *client) pattern(off uint64) {
 	}
 	switch {
 	case off == c.next:
-	case off > c.next && c.pending > 0:
-		c.pending = 0 // an announced skip (notices count ring bytes, echoes included)
+	case c.pending > 0:
+		// An announced skip. Its count is in ring bytes (echo lines
+		// included) and offsets wrap, so where it lands is not checked.
+		c.pending = 0
 	default:
 		if off > c.next {
 			c.silent += off - c.next

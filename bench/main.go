@@ -27,6 +27,7 @@ var (
 	quick  = flag.Bool("quick", false, "shorter runs")
 	outDir = flag.String("out", ".", "where results.md and results.svg go")
 	binary = flag.String("binary", "", "consoleproxy to measure (default: build ../cmd/consoleproxy)")
+	only   = flag.String("only", "", "run only the stream scenarios whose name contains this, print them, and stop")
 )
 
 func main() {
@@ -48,26 +49,34 @@ func main() {
 	var report strings.Builder
 	fmt.Fprintf(&report, "Machine: %s, %d cores. Duration per run: %s. consoleproxy built from this tree; the fake VMM and all clients run in the benchmark's process on the same 2 cores.\n\n", cpuModel(), cpuCount(), dur)
 
-	// 1. Lossless throughput at equal memory, flood, against N.
-	big := []string{"--buffer-size", "64MiB", "--replay", "none"}
+	// 1. Lossless throughput at equal memory: one round, smaller than the
+	// 64 MiB ring, sent as fast as it is taken, timed until every client
+	// has all of it.
+	// All of the round is in the ring, so a client admitted after it began
+	// still receives it from its first byte.
+	big := []string{"--buffer-size", "64MiB"}
+	const round = 32 << 20
 	var rows []result
-	rows = append(rows, run(streamCfg{name: "direct to the VMM (limit)", target: "direct", clients: 1, dur: dur, latency: true}))
-	rows = append(rows, run(streamCfg{name: "socat relay", target: "socat", clients: 1, dur: dur, latency: true}))
+	rows = append(rows, run(streamCfg{name: "direct to the VMM (limit), 32 MiB round", target: "direct", clients: 1, round: round, latency: true}))
+	rows = append(rows, run(streamCfg{name: "socat relay, 32 MiB round", target: "socat", clients: 1, round: round, latency: true}))
 	var curve []result
 	for _, n := range []int{1, 10, 100, 1000} {
-		r := run(streamCfg{name: fmt.Sprintf("consoleproxy, 64 MiB ring, N=%d", n), target: "proxy", clients: n, dur: dur, args: big, latency: true})
+		r := run(streamCfg{name: fmt.Sprintf("consoleproxy, 64 MiB ring, N=%d, %d MiB round", n, roundFor(n)>>20), target: "proxy", clients: n, round: roundFor(n), args: big, latency: true})
 		rows = append(rows, r)
 		curve = append(curve, r)
 	}
 	// 2. The default configuration: flood at N=100, and paced at 10 MiB/s.
 	def := []string{"--replay", "none"}
-	rows = append(rows, run(streamCfg{name: "consoleproxy, default 1 MiB ring, flood, N=100", target: "proxy", clients: 100, dur: dur, args: def, latency: true}))
+	rows = append(rows, run(streamCfg{name: "consoleproxy, default 1 MiB ring, continuous flood, N=100", target: "proxy", clients: 100, dur: dur, args: def, latency: true}))
 	rows = append(rows, run(streamCfg{name: "consoleproxy, default, paced 10 MiB/s, N=100", target: "proxy", clients: 100, rate: 10 << 20, dur: dur, args: def, latency: true}))
 	// 3. A stuck client among 10, flood, against the same without it.
-	noStuck := run(streamCfg{name: "consoleproxy, default, flood, N=10", target: "proxy", clients: 10, dur: dur, args: def})
-	stuck := run(streamCfg{name: "consoleproxy, default, flood, N=10 + 1 stuck", target: "proxy", clients: 10, stuck: 1, dur: dur, args: def})
+	noStuck := run(streamCfg{name: "consoleproxy, default, continuous flood, N=10", target: "proxy", clients: 10, dur: dur, args: def})
+	stuck := run(streamCfg{name: "consoleproxy, default, continuous flood, N=10 + 1 stuck", target: "proxy", clients: 10, stuck: 1, dur: dur, args: def})
 	rows = append(rows, noStuck, stuck)
 
+	if *only != "" {
+		return
+	}
 	fmt.Fprintf(&report, "| run | per client MiB/s | aggregate MiB/s | announced gaps (bytes) | silent gaps | RTT p50 | RTT p99 | peak RSS | CPU s/GiB | CPU %% |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
 		fmt.Fprintf(&report, "| %s | %.0f | %.0f | %d | %d | %s | %s | %s | %s | %s |\n", r.name, r.perClient, r.aggregate, r.announced, r.silent,
@@ -94,7 +103,16 @@ func main() {
 	check(os.WriteFile(filepath.Join(*outDir, "results.svg"), plot(curve, direct, socat), 0o644))
 }
 
+// roundFor keeps the lossless run at N=1000 within a few seconds.
+func roundFor(n int) uint64 {
+	if n >= 1000 {
+		return 4 << 20
+	}
+	return 32 << 20
+}
+
 type streamCfg struct {
+	round   uint64 // when set: send this much, time until all have it
 	name    string
 	target  string // proxy, direct, socat
 	clients int
@@ -117,6 +135,9 @@ type result struct {
 }
 
 func run(cfg streamCfg) result {
+	if *only != "" && !strings.Contains(cfg.name, *only) {
+		return result{name: cfg.name}
+	}
 	dir, err := os.MkdirTemp("", "cpb-")
 	check(err)
 	defer os.RemoveAll(dir)
@@ -125,7 +146,7 @@ func run(cfg streamCfg) result {
 	if cfg.rate > 0 {
 		chunk = 4 << 10 // a paced console arrives in small pieces
 	}
-	v, err := startVMM(vmmPath, cfg.rate, chunk)
+	v, err := startVMM(vmmPath, cfg.rate, chunk, cfg.round)
 	check(err)
 	defer v.close()
 	var relay *exec.Cmd
@@ -157,13 +178,16 @@ func run(cfg streamCfg) result {
 		clients[i] = &client{conn: c}
 	}
 	clients[0].echoes = map[uint64]time.Time{}
+	close(v.begin)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for _, c := range clients {
 		wg.Go(func() { c.run(64<<10, 0, stop) })
 	}
-	// Warm up, then measure.
-	time.Sleep(300 * time.Millisecond)
+	// Warm up, then measure. A round is measured from its first byte.
+	if cfg.round == 0 {
+		time.Sleep(300 * time.Millisecond)
+	}
 	before := make([]uint64, len(clients))
 	for i, c := range clients {
 		c.mu.Lock()
@@ -178,9 +202,26 @@ func run(cfg streamCfg) result {
 	start := time.Now()
 	sent := map[uint64]time.Time{}
 	var seq uint64
-	for time.Since(start) < cfg.dur {
-		time.Sleep(10 * time.Millisecond)
-		if cfg.latency {
+	done := func() bool {
+		if cfg.round == 0 {
+			return time.Since(start) >= cfg.dur
+		}
+		for _, c := range clients {
+			c.mu.Lock()
+			got := c.bytes
+			c.mu.Unlock()
+			if got < cfg.round {
+				return false
+			}
+		}
+		return true
+	}
+	for !done() {
+		if time.Since(start) > 2*time.Minute {
+			check(fmt.Errorf("%s: the round did not complete", cfg.name))
+		}
+		time.Sleep(2 * time.Millisecond)
+		if cfg.latency && (seq == 0 || time.Since(sent[seq]) >= 10*time.Millisecond) {
 			seq++
 			sent[seq] = time.Now()
 			clients[0].conn.Write([]byte{'x'})
@@ -218,7 +259,7 @@ func run(cfg streamCfg) result {
 	r.delivered = total
 	r.aggregate = float64(total) / (1 << 20) / elapsed.Seconds()
 	r.perClient = r.aggregate / float64(cfg.clients)
-	fmt.Fprintf(os.Stderr, "%-50s %8.0f MiB/s per client %8.0f aggregate, p99 %s\n", cfg.name, r.perClient, r.aggregate, ms(r.p99))
+	fmt.Fprintf(os.Stderr, "%-50s %8.0f MiB/s per client %8.0f aggregate, p50 %s p99 %s, CPU %s s/GiB\n", cfg.name, r.perClient, r.aggregate, ms(r.p50), ms(r.p99), cpuPerGiB(r))
 	return r
 }
 
@@ -227,7 +268,7 @@ func idleAndMemory() (ticks int, rss0, rss100, rss1000 int) {
 	check(err)
 	defer os.RemoveAll(dir)
 	vmmPath, sock := filepath.Join(dir, "vmm.sock"), filepath.Join(dir, "c.sock")
-	v, err := startVMM(vmmPath, -1, 4096) // connected, silent
+	v, err := startVMM(vmmPath, -1, 4096, 0) // connected, silent
 	check(err)
 	defer v.close()
 	relay := exec.Command(*binary, "--upstream", "unix:"+vmmPath, "--listen", sock, "--max-clients", "2000", "--log-level", "warn")

@@ -53,16 +53,18 @@ type vmm struct {
 	ln    net.Listener
 	rate  int
 	chunk int
+	limit uint64        // pattern bytes per connection; 0 streams until stopped
+	begin chan struct{} // closed when the clients are in place
 	stop  chan struct{}
 	wg    sync.WaitGroup
 }
 
-func startVMM(path string, rate, chunk int) (*vmm, error) {
+func startVMM(path string, rate, chunk int, limit uint64) (*vmm, error) {
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, err
 	}
-	v := &vmm{ln: ln, rate: rate, chunk: chunk, stop: make(chan struct{})}
+	v := &vmm{ln: ln, rate: rate, chunk: chunk, limit: limit, begin: make(chan struct{}), stop: make(chan struct{})}
 	v.wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -104,6 +106,11 @@ func (v *vmm) serve(c net.Conn) {
 		<-v.stop
 		return
 	}
+	select {
+	case <-v.begin:
+	case <-v.stop:
+		return
+	}
 	var off uint64
 	start := time.Now()
 	var seq uint64
@@ -125,6 +132,11 @@ func (v *vmm) serve(c net.Conn) {
 			default:
 				drained = true
 			}
+		}
+		if v.limit > 0 && off >= v.limit {
+			// The round is out: only echoes from now on.
+			time.Sleep(200 * time.Microsecond)
+			continue
 		}
 		if v.rate > 0 {
 			due := time.Duration(float64(off) / float64(v.rate) * float64(time.Second))

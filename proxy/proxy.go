@@ -37,6 +37,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/consoleproxy/consoleproxy/ringbuf"
 	"github.com/hashicorp/go-hclog"
@@ -137,6 +138,12 @@ type Proxy struct {
 	nextID    uint64
 	logReader *Reader // the console log writer's cursor; see RunLog
 
+	// Wake coalescing; see appendOutput.
+	lastWake    time.Time
+	pendingWake int         // bytes appended since the last wake
+	wakeTimer   *time.Timer // armed while a wake is deferred
+	wakeArmed   bool
+
 	// Counters for Stats. totals holds the finished clients' figures.
 	totals           Stats
 	upstreamBytes    uint64
@@ -198,14 +205,55 @@ func New(cfg Config) (*Proxy, error) {
 	return p, nil
 }
 
-// appendOutput adds upstream output to the ring and wakes parked readers.
-// It never blocks on a reader: it holds mu only for the copy.
+// Wake coalescing. Waking every parked client for every small upstream
+// read costs one write per client per read; while output flows, waking
+// them at most once per coalesceWindow gives each client fewer, larger
+// writes. Output after a quiet spell (a keystroke's echo) wakes at once,
+// and so does a backlog of coalesceBytes, so a flood is never held back.
+const (
+	coalesceWindow = time.Millisecond
+	coalesceBytes  = 64 << 10
+)
+
+// appendOutput adds upstream output to the ring and wakes parked readers,
+// at once or within coalesceWindow. It never blocks on a reader: it holds
+// mu only for the copy.
 func (p *Proxy) appendOutput(b []byte) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.upstreamBytes += uint64(len(b))
 	p.ring.Write(b)
+	p.pendingWake += len(b)
+	if p.wakeArmed {
+		return // the timer wakes everyone
+	}
+	now := time.Now()
+	since := now.Sub(p.lastWake)
+	if since >= coalesceWindow || p.pendingWake >= coalesceBytes || len(p.parked) == 0 {
+		p.wakeNowLocked(now)
+		return
+	}
+	p.wakeArmed = true
+	if p.wakeTimer == nil {
+		p.wakeTimer = time.AfterFunc(coalesceWindow-since, p.deferredWake)
+	} else {
+		p.wakeTimer.Reset(coalesceWindow - since)
+	}
+}
+
+func (p *Proxy) deferredWake() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.wakeArmed {
+		p.wakeArmed = false
+		p.wakeNowLocked(time.Now())
+	}
+}
+
+func (p *Proxy) wakeNowLocked(now time.Time) {
 	p.wakeLocked()
-	p.mu.Unlock()
+	p.lastWake = now
+	p.pendingWake = 0
 }
 
 // appendNotice adds a stream notice to the ring, unless notices are off.
@@ -215,7 +263,8 @@ func (p *Proxy) appendNotice(text string) {
 	}
 	p.mu.Lock()
 	p.ring.Write(notice(text, p.atLineStartLocked()))
-	p.wakeLocked()
+	p.wakeArmed = false
+	p.wakeNowLocked(time.Now())
 	p.mu.Unlock()
 }
 
@@ -254,7 +303,11 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.closed = true
 	p.draining = true
 	lns := p.takeListenersLocked()
-	p.wakeLocked()
+	if p.wakeTimer != nil {
+		p.wakeTimer.Stop()
+		p.wakeArmed = false
+	}
+	p.wakeNowLocked(time.Now())
 	p.mu.Unlock()
 	err := closeAll(lns)
 
@@ -280,6 +333,10 @@ func (p *Proxy) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	lns := p.takeListenersLocked()
+	if p.wakeTimer != nil {
+		p.wakeTimer.Stop()
+		p.wakeArmed = false
+	}
 	p.mu.Unlock()
 	err := closeAll(lns)
 	p.closeClients()
