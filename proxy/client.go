@@ -256,15 +256,11 @@ func (c *client) readInput() {
 // for the caller to put back. It waits in the runtime's poller with no
 // buffer taken.
 func (c *client) read() (bp *[]byte, n int, err error) {
-	sc, ok := c.conn.(syscall.Conn)
+	raw, ok := rawConn(c.conn)
 	if !ok {
 		bp = inputBufs.Get().(*[]byte)
 		n, err = c.conn.Read(*bp)
 		return bp, n, err
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return nil, 0, err
 	}
 	var rerr error
 	err = raw.Read(func(fd uintptr) bool {
@@ -297,15 +293,9 @@ func (c *client) read() (bp *[]byte, n int, err error) {
 // closed. It parks in the runtime's poller: the kernel reports a peer's
 // close as readiness (EPOLLHUP) even after EOF was read.
 func waitHangUp(conn net.Conn) {
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
-		return
+	if raw, ok := rawConn(conn); ok {
+		raw.Read(func(fd uintptr) bool { return pollHUP(fd) })
 	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return
-	}
-	raw.Read(func(fd uintptr) bool { return pollHUP(fd) })
 }
 
 // hungUp reports whether the peer of a connection that read EOF has closed
@@ -313,17 +303,24 @@ func waitHangUp(conn net.Conn) {
 // socket the kernel raises POLLHUP only when both directions are shut, so a
 // zero-timeout poll tells the two apart without waiting.
 func hungUp(conn net.Conn) bool {
-	sc, ok := conn.(syscall.Conn)
+	raw, ok := rawConn(conn)
 	if !ok {
 		return false
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return true
 	}
 	hup := false
 	raw.Control(func(fd uintptr) { hup = pollHUP(fd) })
 	return hup
+}
+
+// rawConn returns conn's descriptor access, when it has one (net.Pipe in
+// a test does not).
+func rawConn(conn net.Conn) (syscall.RawConn, bool) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return nil, false
+	}
+	raw, err := sc.SyscallConn()
+	return raw, err == nil
 }
 
 // pollHUP reports, without waiting, whether both directions of the socket
@@ -337,20 +334,13 @@ func pollHUP(fd uintptr) bool {
 // peerCred returns the connecting process's credentials (SO_PEERCRED), or
 // -1s when the connection cannot say.
 func peerCred(conn net.Conn) unix.Ucred {
-	none := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
-		return none
+	cred := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
+	if raw, ok := rawConn(conn); ok {
+		raw.Control(func(fd uintptr) {
+			if uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+				cred = *uc
+			}
+		})
 	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return none
-	}
-	cred := none
-	raw.Control(func(fd uintptr) {
-		if uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-			cred = *uc
-		}
-	})
 	return cred
 }

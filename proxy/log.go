@@ -112,8 +112,8 @@ func errorText(err error) string {
 	return lostReason(err)
 }
 
-// sleepOrDone waits for d, or until ctx is done or done is closed, and
-// reports whether d passed.
+// sleepOrDone waits for d, or until ctx is done or done is closed (a nil
+// done never is), and reports whether d passed.
 func sleepOrDone(ctx context.Context, done <-chan struct{}, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()

@@ -400,13 +400,4 @@ func (p *Proxy) writeInput(b []byte) bool {
 }
 
 // sleep waits for d or until ctx is done, and reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
+func sleep(ctx context.Context, d time.Duration) bool { return sleepOrDone(ctx, nil, d) }
