@@ -58,7 +58,7 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		Output:     stderr,
 	})
 	if err := serve(o, log); err != nil {
-		log.Error("stopped", "error", err)
+		log.Error("failed", "error", err)
 		return 1
 	}
 	return 0
