@@ -140,7 +140,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 		cred:      cred,
 		connected: time.Now(),
 	}
-	c.r = p.newReaderLocked(!p.cfg.DisableNotices, p.cfg.SlowClient)
+	c.r = p.newReader(p.replayStartLocked(), !p.cfg.DisableNotices, p.cfg.SlowClient)
 	p.clients[c] = struct{}{}
 	replay := p.ring.End() - c.r.cursor
 	p.clientsDone.Add(1)

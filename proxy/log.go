@@ -56,11 +56,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 			}
 			return err
 		}
-		if start := p.ring.Start(); r.cursor < start {
-			next := p.ring.LineStart(start)
-			lost += next - r.cursor
-			r.cursor = next
-		}
+		lost += r.catchUpLocked()
 		n, _ := p.ring.ReadAt(buf, r.cursor)
 		p.mu.Unlock()
 

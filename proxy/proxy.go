@@ -198,7 +198,7 @@ func New(cfg Config) (*Proxy, error) {
 	p.ring.Write(cfg.Seed)
 	// The log writer starts after the seed, which came from the log, and
 	// before the restarted notice, which marks the restart in the log too.
-	p.logReader = &Reader{p: p, wake: make(chan struct{}, 1), done: make(chan struct{}), cursor: p.ring.End(), last: '\n'}
+	p.logReader = p.newReader(p.ring.End(), false, SlowClientSkip)
 	if len(cfg.Seed) > 0 && !cfg.DisableNotices {
 		p.ring.Write(notice(noticeRestarted, p.atLineStartLocked()))
 	}
@@ -250,6 +250,15 @@ func (p *Proxy) deferredWake() {
 	}
 }
 
+// stopWakeTimerLocked cancels a deferred wake-up; the caller wakes or
+// closes the readers itself.
+func (p *Proxy) stopWakeTimerLocked() {
+	if p.wakeTimer != nil {
+		p.wakeTimer.Stop()
+	}
+	p.wakeArmed = false
+}
+
 func (p *Proxy) wakeNowLocked(now time.Time) {
 	p.wakeLocked()
 	p.lastWake = now
@@ -263,7 +272,7 @@ func (p *Proxy) appendNotice(text string) {
 	}
 	p.mu.Lock()
 	p.ring.Write(notice(text, p.atLineStartLocked()))
-	p.wakeArmed = false
+	p.stopWakeTimerLocked()
 	p.wakeNowLocked(time.Now())
 	p.mu.Unlock()
 }
@@ -303,10 +312,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.closed = true
 	p.draining = true
 	lns := p.takeListenersLocked()
-	if p.wakeTimer != nil {
-		p.wakeTimer.Stop()
-		p.wakeArmed = false
-	}
+	p.stopWakeTimerLocked()
 	p.wakeNowLocked(time.Now())
 	p.mu.Unlock()
 	err := closeAll(lns)
@@ -333,10 +339,7 @@ func (p *Proxy) Close() error {
 	p.mu.Lock()
 	p.closed = true
 	lns := p.takeListenersLocked()
-	if p.wakeTimer != nil {
-		p.wakeTimer.Stop()
-		p.wakeArmed = false
-	}
+	p.stopWakeTimerLocked()
 	p.mu.Unlock()
 	err := closeAll(lns)
 	p.closeClients()

@@ -29,18 +29,18 @@ type Reader struct {
 	slow       SlowClientPolicy
 }
 
-// newReaderLocked registers a reader positioned per the replay policy.
-func (p *Proxy) newReaderLocked(dropNotice bool, slow SlowClientPolicy) *Reader {
-	r := &Reader{
+// newReader returns a reader whose walk begins at cursor. The stream it
+// receives starts at a line start, as far as notice framing is concerned.
+func (p *Proxy) newReader(cursor uint64, dropNotice bool, slow SlowClientPolicy) *Reader {
+	return &Reader{
 		p:          p,
 		wake:       make(chan struct{}, 1),
 		done:       make(chan struct{}),
-		cursor:     p.replayStartLocked(),
+		cursor:     cursor,
 		last:       '\n',
 		dropNotice: dropNotice,
 		slow:       slow,
 	}
-	return r
 }
 
 // replayStartLocked is where a new reader's walk begins: the oldest byte the
@@ -67,7 +67,7 @@ func (p *Proxy) NewReader() (*Reader, error) {
 	if p.closed {
 		return nil, ErrClosed
 	}
-	return p.newReaderLocked(!p.cfg.DisableNotices, p.cfg.SlowClient), nil
+	return p.newReader(p.replayStartLocked(), !p.cfg.DisableNotices, p.cfg.SlowClient), nil
 }
 
 // Read blocks until output is available and copies it into b. It returns
@@ -149,22 +149,34 @@ func (r *Reader) waitLocked() error {
 	return nil
 }
 
+// catchUpLocked moves a reader that fell more than a ring behind to the
+// oldest retained line start and returns how many bytes it skipped, which
+// also count in dropped; it returns 0 for a reader that had not fallen
+// behind. Every reader, clients and the log writer alike, skips this way,
+// so every drop count means the same thing.
+func (r *Reader) catchUpLocked() uint64 {
+	ring := r.p.ring
+	start := ring.Start()
+	if r.cursor >= start {
+		return 0
+	}
+	next := ring.LineStart(start)
+	skipped := next - r.cursor
+	r.dropped += skipped
+	r.cursor = next
+	return skipped
+}
+
 // readLocked copies what is available into b without blocking. A reader
 // found more than a ring behind either gets ErrTooSlow or skips to the oldest
 // retained line start, counting the bytes in between and, when dropNotice is
 // set, receiving a notice of exactly that count first.
 func (r *Reader) readLocked(b []byte) (int, error) {
-	ring := r.p.ring
-	if start := ring.Start(); r.cursor < start {
-		if r.slow == SlowClientDisconnect {
-			return 0, ErrTooSlow
-		}
-		next := ring.LineStart(start)
-		r.dropped += next - r.cursor
-		if r.dropNotice {
-			r.pending = append(r.pending, notice(noticeDropped(next-r.cursor), r.last == '\n')...)
-		}
-		r.cursor = next
+	if r.slow == SlowClientDisconnect && r.cursor < r.p.ring.Start() {
+		return 0, ErrTooSlow
+	}
+	if skipped := r.catchUpLocked(); skipped > 0 && r.dropNotice {
+		r.pending = append(r.pending, notice(noticeDropped(skipped), r.last == '\n')...)
 	}
 	var n int
 	if len(r.pending) > 0 {
@@ -174,7 +186,7 @@ func (r *Reader) readLocked(b []byte) (int, error) {
 			r.pending = nil
 		}
 	} else {
-		n, _ = ring.ReadAt(b, r.cursor)
+		n, _ = r.p.ring.ReadAt(b, r.cursor)
 		r.cursor += uint64(n)
 	}
 	if n > 0 {

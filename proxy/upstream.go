@@ -247,50 +247,41 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				log.Debug("upstream not reachable", "error", err, "attempts", failures+1)
 			}
 			failures++
-			changed := waitRetry(ctx, up, delay, before)
+		} else {
+			failures = 0
+			connected := time.Now()
+			reason := p.drain(ctx, conn, buf, log)
 			if ctx.Err() != nil {
 				return nil
 			}
-			log.Trace("retrying upstream", "path_changed", changed, "waited_at_most", delay)
-			if changed {
-				delay = fastRetry
-			} else {
-				delay = min(2*delay, maxBackoff)
+			uptime := time.Since(connected)
+			log.Info("upstream lost", "reason", reason, "uptime", uptime.Round(time.Millisecond))
+			p.appendNotice(noticeLost(reason))
+			if p.cfg.ExitWithUpstream {
+				return nil
 			}
-			continue
-		}
-		failures = 0
-		connected := time.Now()
-		reason := p.drain(ctx, conn, buf, log)
-		if ctx.Err() != nil {
-			return nil
-		}
-		uptime := time.Since(connected)
-		log.Info("upstream lost", "reason", reason, "uptime", uptime.Round(time.Millisecond))
-		p.appendNotice(noticeLost(reason))
-		if p.cfg.ExitWithUpstream {
-			return nil
-		}
-		if uptime >= stableAfter {
-			delay = minBackoff
-		}
-		if w, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" {
-			if _, err := os.Stat(w.watchPath()); err == nil {
+			if uptime >= stableAfter {
+				delay = minBackoff
+			}
+			if w, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" && statPath(w.watchPath()).exists {
 				log.Warn("upstream closed the connection right after accepting it while its socket still exists; "+
 					"another client probably connected to the VMM directly and took the console over; backing off",
 					"uptime", uptime.Round(time.Millisecond))
 				delay = max(delay, takeoverBackoff)
 			}
 		}
-		// A VMM that comes back creates its socket anew, which ends the wait
-		// at once; one that took the console over leaves it alone.
-		if waitRetry(ctx, up, delay, before) {
+		// Wait before the next attempt. A path that changes (a VMM that
+		// comes back creates its socket anew) ends the wait at once; a
+		// takeover leaves the socket alone and waits the full delay.
+		changed := waitRetry(ctx, up, delay, before)
+		if ctx.Err() != nil {
+			return nil
+		}
+		log.Trace("retrying upstream", "path_changed", changed, "waited_at_most", delay)
+		if changed {
 			delay = fastRetry
 		} else {
 			delay = min(2*delay, maxBackoff)
-		}
-		if ctx.Err() != nil {
-			return nil
 		}
 	}
 }
@@ -313,6 +304,9 @@ func waitRetry(ctx context.Context, up Upstream, delay time.Duration, before pat
 	sleep(ctx, delay)
 	return false
 }
+
+// sleep waits for d or until ctx is done, and reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool { return sleepOrDone(ctx, nil, d) }
 
 // drain copies one upstream connection into the ring until it ends or ctx is
 // done, and returns why it ended, as the lost notice words it.
@@ -398,6 +392,3 @@ func (p *Proxy) writeInput(b []byte) bool {
 	p.discarded += uint64(len(b))
 	return false
 }
-
-// sleep waits for d or until ctx is done, and reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool { return sleepOrDone(ctx, nil, d) }
