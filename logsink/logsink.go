@@ -92,18 +92,29 @@ func Open(path string, opts Options) (*Log, error) {
 	return l, nil
 }
 
-// openLocked opens l.path and learns its size and whether it ends a line.
+// openFlags opens the log for appending. It is read-write only so that
+// the file's last byte can be read from the same descriptor.
+const openFlags = os.O_RDWR | os.O_APPEND | unix.O_NOFOLLOW | unix.O_CLOEXEC
+
+// createLog creates a new log file at path with FileMode set explicitly,
+// whatever the umask; it fails if path exists.
+func createLog(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, openFlags|os.O_CREATE|os.O_EXCL, FileMode)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Chmod(FileMode); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// openLocked opens or creates l.path and makes it the current file.
 func (l *Log) openLocked() error {
-	const flags = os.O_WRONLY | os.O_APPEND | unix.O_NOFOLLOW | unix.O_CLOEXEC
-	f, err := os.OpenFile(l.path, flags|os.O_CREATE|os.O_EXCL, FileMode)
-	if err == nil {
-		// Created: set the mode the umask may have narrowed or widened.
-		if err := f.Chmod(FileMode); err != nil {
-			f.Close()
-			return fmt.Errorf("console log %s: %w", l.path, err)
-		}
-	} else if errors.Is(err, os.ErrExist) {
-		f, err = os.OpenFile(l.path, flags, 0)
+	f, err := createLog(l.path)
+	if errors.Is(err, os.ErrExist) {
+		f, err = os.OpenFile(l.path, openFlags, 0)
 	}
 	if err != nil {
 		if errors.Is(err, unix.ELOOP) {
@@ -112,33 +123,19 @@ func (l *Log) openLocked() error {
 		return fmt.Errorf("console log: %w", err)
 	}
 	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = errors.New("not a regular file")
+	}
+	var last [1]byte
+	if err == nil && fi.Size() > 0 {
+		_, err = f.ReadAt(last[:], fi.Size()-1)
+	}
 	if err != nil {
 		f.Close()
 		return fmt.Errorf("console log %s: %w", l.path, err)
 	}
-	if !fi.Mode().IsRegular() {
-		f.Close()
-		return fmt.Errorf("console log %s: not a regular file", l.path)
-	}
-	l.f, l.size, l.atLineStart = f, fi.Size(), true
-	if l.size > 0 {
-		last := make([]byte, 1)
-		if _, err := readAt(l.path, last, l.size-1); err != nil {
-			f.Close()
-			return fmt.Errorf("console log %s: %w", l.path, err)
-		}
-		l.atLineStart = last[0] == '\n'
-	}
+	l.f, l.size, l.atLineStart = f, fi.Size(), fi.Size() == 0 || last[0] == '\n'
 	return nil
-}
-
-func readAt(path string, b []byte, off int64) (int, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	return f.ReadAt(b, off)
 }
 
 // Write appends console output, adding timestamps and rotating as
@@ -302,25 +299,23 @@ func (l *Log) rotateLocked() error {
 		}
 	}
 	tmp := l.path + ".new"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, FileMode)
+	f, err := createLog(tmp)
 	if errors.Is(err, os.ErrExist) {
 		// Left by a crash mid-rotation: ours to replace.
 		os.Remove(tmp)
-		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, FileMode)
+		f, err = createLog(tmp)
 	}
 	if err != nil {
 		return fmt.Errorf("rotate console log: %w", err)
 	}
-	err = f.Chmod(FileMode)
-	f.Close()
-	if err == nil {
-		err = os.Rename(tmp, l.path)
-	}
-	if err != nil {
+	if err := os.Rename(tmp, l.path); err != nil {
+		f.Close()
 		os.Remove(tmp)
 		return fmt.Errorf("rotate console log: %w", err)
 	}
-	return l.openLocked()
+	// The file just created is now PATH: keep its descriptor.
+	l.f, l.size, l.atLineStart = f, 0, true
+	return nil
 }
 
 func (l *Log) rotated(k int) string { return l.path + "." + strconv.Itoa(k) }
