@@ -277,7 +277,10 @@ func (l *Log) rotateLocked() error {
 		return fmt.Errorf("close console log %s: %w", l.path, err)
 	}
 	l.f = nil
-	if l.opts.MaxFiles > 0 {
+	// PATH and PATH.1 already one file: an earlier rotation linked them and
+	// then failed (or the process died) before the new PATH. Finish that
+	// rotation rather than shift the same bytes into a second file.
+	if l.opts.MaxFiles > 0 && !sameFile(l.path, l.rotated(1)) {
 		// Files beyond MaxFiles (left by a larger setting) go first.
 		for k := l.opts.MaxFiles + 1; ; k++ {
 			if err := os.Remove(l.rotated(k)); err != nil {
@@ -319,6 +322,13 @@ func (l *Log) rotateLocked() error {
 }
 
 func (l *Log) rotated(k int) string { return l.path + "." + strconv.Itoa(k) }
+
+// sameFile reports whether a and b name the same file.
+func sameFile(a, b string) bool {
+	fa, errA := os.Lstat(a)
+	fb, errB := os.Lstat(b)
+	return errA == nil && errB == nil && os.SameFile(fa, fb)
+}
 
 // Reopen closes the file and opens PATH again, for an external rotation
 // (logrotate's create mode followed by SIGHUP). Bytes written before Reopen

@@ -289,3 +289,38 @@ func TestReadTailSpansTheRotatedFileAndStartsALine(t *testing.T) {
 		t.Errorf("ReadTail(missing) = %q, %v", got, err)
 	}
 }
+
+// A rotation interrupted after PATH was linked to PATH.1 (a crash, or a
+// failure to create the new file) leaves both names on one file. The next
+// rotation must finish it, not shift the same bytes into a second rotated
+// file; seeding must not read them twice.
+func TestInterruptedRotationIsFinishedNotRepeated(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "console.log")
+	// The interrupted state: PATH.1 was shifted to PATH.2, PATH linked to
+	// PATH.1, and the new PATH never created.
+	os.WriteFile(path+".2", []byte("old\n"), 0o640)
+	os.WriteFile(path, []byte("current line\n"), 0o640)
+	if err := os.Link(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+
+	if got, _ := ReadTail(path, 1000, false); string(got) != "current line\n" {
+		t.Errorf("ReadTail read the linked file twice: %q", got)
+	}
+	l, err := Open(path, Options{MaxSize: 16, MaxFiles: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if _, err := l.Write([]byte("next line\n")); err != nil {
+		t.Fatal(err)
+	}
+	got := string(readFile(t, path+".2")) + string(readFile(t, path+".1")) + string(readFile(t, path))
+	if want := "old\ncurrent line\nnext line\n"; got != want {
+		t.Errorf("PATH.2 PATH.1 PATH = %q, want %q", got, want)
+	}
+	if _, err := os.Stat(path + ".3"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the interrupted rotation was repeated: PATH.3 exists (%v)", err)
+	}
+}

@@ -28,7 +28,8 @@ func ReadTail(path string, max int, timestamps bool) ([]byte, error) {
 		return nil, err
 	}
 	data := cur
-	if len(cur) < max+1 {
+	// PATH.1 may be PATH itself, left by an interrupted rotation.
+	if len(cur) < max+1 && !sameFile(path, path+".1") {
 		prev, err := readTail(path+".1", max+1-len(cur))
 		if err != nil {
 			return nil, err
