@@ -240,10 +240,10 @@ func (c *client) readInput() {
 			inputBufs.Put(bp)
 		}
 		if err != nil {
-			if errors.Is(err, io.EOF) && !hungUp(c.conn) {
-				// Half-closed: output goes on. Wait, without a thread, for
-				// the peer to close entirely, so that a client that leaves
-				// while the console is quiet is released at once.
+			if errors.Is(err, io.EOF) {
+				// EOF is a half-close or a hang-up: output goes on until
+				// the peer has closed entirely, which ends the client at
+				// once even while the console is quiet.
 				waitHangUp(c.conn)
 			}
 			c.close()
@@ -290,26 +290,14 @@ func (c *client) read() (bp *[]byte, n int, err error) {
 }
 
 // waitHangUp blocks until the peer of conn has closed entirely or conn is
-// closed. It parks in the runtime's poller: the kernel reports a peer's
-// close as readiness (EPOLLHUP) even after EOF was read.
+// closed; it returns at once when the peer already has. It parks in the
+// runtime's poller: the kernel reports a peer's close as readiness
+// (EPOLLHUP) even after EOF was read, and raises POLLHUP only when both
+// directions are shut, so a half-close does not end the wait.
 func waitHangUp(conn net.Conn) {
 	if raw, ok := rawConn(conn); ok {
 		raw.Read(func(fd uintptr) bool { return pollHUP(fd) })
 	}
-}
-
-// hungUp reports whether the peer of a connection that read EOF has closed
-// entirely, rather than only shut down its writing side. On a Unix stream
-// socket the kernel raises POLLHUP only when both directions are shut, so a
-// zero-timeout poll tells the two apart without waiting.
-func hungUp(conn net.Conn) bool {
-	raw, ok := rawConn(conn)
-	if !ok {
-		return false
-	}
-	hup := false
-	raw.Control(func(fd uintptr) { hup = pollHUP(fd) })
-	return hup
 }
 
 // rawConn returns conn's descriptor access, when it has one (net.Pipe in
