@@ -195,20 +195,28 @@ func serve(o *options, log hclog.Logger) error {
 		}, func(error) {})
 	}
 
-	// SIGUSR1: one log line per client and a totals line, for an operator
-	// who wants to know who is attached and how the proxy is doing.
+	// Operator signals: SIGHUP reopens the console log (after an external
+	// rotation); SIGUSR1 logs one line per client and a totals line.
 	{
-		usrCtx, usrCancel := context.WithCancel(ctx)
+		sigCtx, sigCancel := context.WithCancel(ctx)
 		g.Add(func() error {
 			for {
 				select {
+				case <-hup:
+					if clog == nil {
+						log.Info("SIGHUP: there is no console log to reopen")
+					} else if err := clog.Reopen(); err != nil {
+						log.Error("reopen console log", "error", err)
+					} else {
+						log.Info("console log reopened")
+					}
 				case <-usr1:
 					logStats(log, p.Stats(), time.Since(started))
-				case <-usrCtx.Done():
+				case <-sigCtx.Done():
 					return nil
 				}
 			}
-		}, func(error) { usrCancel() })
+		}, func(error) { sigCancel() })
 	}
 
 	if clog != nil {
@@ -229,23 +237,6 @@ func serve(o *options, log hclog.Logger) error {
 			logCancel()
 			<-logDone
 		})
-
-		// SIGHUP: reopen the console log after an external rotation.
-		hupCtx, hupCancel := context.WithCancel(ctx)
-		g.Add(func() error {
-			for {
-				select {
-				case <-hup:
-					if err := clog.Reopen(); err != nil {
-						log.Error("reopen console log", "error", err)
-					} else {
-						log.Info("console log reopened")
-					}
-				case <-hupCtx.Done():
-					return nil
-				}
-			}
-		}, func(error) { hupCancel() })
 	}
 
 	err = g.Run()
