@@ -248,6 +248,10 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 			}
 			failures++
 		} else {
+			// What the path names now is what we connected to; taken
+			// before the dial, it could predate a socket that appeared
+			// meanwhile, and after a takeover that socket would look new.
+			before = pathOf(up)
 			failures = 0
 			connected := time.Now()
 			reason := p.drain(ctx, conn, buf, log)

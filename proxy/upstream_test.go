@@ -263,7 +263,7 @@ func (s *syncLog) String() string {
 func TestTakeoverIsNotFought(t *testing.T) {
 	checkLeaks(t)
 	logs := &syncLog{}
-	p, dir := startProxy(t, Config{Logger: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info})})
+	p, dir := startProxy(t, Config{Logger: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info, TimeFormat: time.RFC3339Nano})})
 	_ = p
 	vmm := startVMM(t, filepath.Join(dir, "vmm.sock"))
 	waitFor(t, "the proxy to attach", func() bool { return vmm.Accepted() == 1 })
@@ -314,6 +314,27 @@ func TestTakeoverIsNotFought(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "took the console over") {
 		t.Errorf("no takeover warning in the log:\n%s", logs)
+	}
+	// Each reconnect after a takeover waits at least takeoverBackoff: the
+	// proxy's own connect log lines are never closer than that. (Plain
+	// exponential backoff would reconnect after 10, 20, 40 ms.)
+	var connects []time.Time
+	for _, line := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(line, "upstream connected") {
+			at, err := time.Parse(time.RFC3339Nano, strings.Fields(line)[0])
+			if err != nil {
+				t.Fatalf("log line %q: %v", line, err)
+			}
+			connects = append(connects, at)
+		}
+	}
+	if len(connects) < 2 {
+		t.Fatalf("only %d connects in the log: the scenario did not run", len(connects))
+	}
+	for i := 1; i < len(connects); i++ {
+		if gap := connects[i].Sub(connects[i-1]); gap < takeoverBackoff {
+			t.Errorf("reconnect %d came %v after the previous one, sooner than %v; log:\n%s", i, gap, takeoverBackoff, logs)
+		}
 	}
 }
 
