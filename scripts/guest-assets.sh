@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.cache/guest}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ]; then
+# The cache is keyed by this script, so a changed init is rebuilt.
+stamp=$(sha256sum "$0" | cut -c1-16)
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
   echo "guest assets ready in $out"
   exit 0
 fi
@@ -44,6 +46,11 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 echo
 echo "CONSOLEPROXY-GUEST-READY $(uname -r)"
+# The kernel writes to the console at any moment, even in the middle of a
+# line the shell is writing (late boot messages such as the TSC
+# recalibration come after the prompt). The boot log is what tests and the
+# demo replay; after it, only emergencies may interleave with the shell.
+dmesg -n 1
 # A shell on the serial console, with it as the controlling terminal.
 exec setsid cttyhack sh -l
 INIT
@@ -51,4 +58,5 @@ chmod 755 "$root/init"
 ( cd "$root" && find . | "$work/busybox/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -9 ) > "$out/initramfs.cpio.gz.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+echo "$stamp" > "$out/stamp"
 echo "guest assets ready in $out ($image, busybox-static)"
