@@ -27,7 +27,7 @@ var (
 	quick  = flag.Bool("quick", false, "shorter runs")
 	outDir = flag.String("out", ".", "where results.md and results.svg go")
 	binary = flag.String("binary", "", "consoleproxy to measure (default: build ../cmd/consoleproxy)")
-	only   = flag.String("only", "", "run only the stream scenarios whose name contains this, print them, and stop")
+	only   = flag.String("only", "", "run only the scenarios whose name contains this (\"idle\" for idle CPU and RSS), print them, and stop")
 )
 
 func main() {
@@ -75,6 +75,11 @@ func main() {
 	rows = append(rows, noStuck, stuck)
 
 	if *only != "" {
+		if strings.Contains("idle and memory", *only) {
+			idleTicks, rss0, rss100, rss1000 := idleAndMemory()
+			fmt.Printf("idle: %d ticks; RSS %s, %s, %s with 0, 100, 1000 idle clients (%.1f KiB per extra idle client)\n",
+				idleTicks, kib(rss0), kib(rss100), kib(rss1000), float64(rss1000-rss100)/900)
+		}
 		return
 	}
 	fmt.Fprintf(&report, "| run | per client MiB/s | aggregate MiB/s | announced gaps (bytes) | silent gaps | RTT p50 | RTT p99 | peak RSS | CPU s/GiB | CPU %% |\n|---|---|---|---|---|---|---|---|---|---|\n")

@@ -34,13 +34,15 @@ type client struct {
 	conn      net.Conn
 	r         *Reader
 	readOnly  bool
-	log       hclog.Logger
+	log       hclog.Logger // the socket's, shared: a logger per client costs 384 bytes
 	id        uint64
 	socket    string
 	cred      unix.Ucred
 	connected time.Time
 
 	closeOnce sync.Once
+	running   atomic.Int32 // goroutines serving the client; see run
+	writeErr  error        // why output ended; read by the last to end
 
 	// Totals, atomic so that they can be reported while the client runs.
 	bytesOut  atomic.Uint64
@@ -134,7 +136,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 		p:         p,
 		conn:      conn,
 		readOnly:  readOnly,
-		log:       log.With("client", p.nextID),
+		log:       log,
 		id:        p.nextID,
 		socket:    socket,
 		cred:      cred,
@@ -146,7 +148,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 	p.clientsDone.Add(1)
 	p.mu.Unlock()
 
-	c.log.Info("client connected", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid, "read_only", readOnly, "replay_bytes", replay)
+	c.log.Info("client connected", "client", c.id, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid, "read_only", readOnly, "replay_bytes", replay)
 	go c.run()
 }
 
@@ -157,21 +159,38 @@ func refuse(conn net.Conn, text string) {
 	conn.Close()
 }
 
-// run serves the client until it goes away or the proxy stops: this
-// goroutine writes output, a second one reads input.
+// run serves the client until it goes away or the proxy stops: one
+// goroutine writes output, a second one reads input, and whichever ends
+// last finishes the client. Neither waits for the other, so an idle client
+// costs two parked goroutines and nothing more.
 func (c *client) run() {
-	p := c.p
-	defer p.clientsDone.Done()
-
-	inputDone := make(chan struct{})
+	c.running.Store(2)
 	go func() {
-		defer close(inputDone)
 		c.readInput()
+		c.ended()
 	}()
-	err := c.writeOutput()
+	c.writeErr = c.writeOutput()
 	c.close()
-	<-inputDone
+	c.ended()
+}
 
+// ended is called once by each of the client's goroutines as it ends; the
+// last one finishes the client. The atomic decrement orders the writer's
+// writeErr before finish reads it.
+func (c *client) ended() {
+	if c.running.Add(-1) == 0 {
+		c.finish(c.writeErr)
+		c.p.clientsDone.Done()
+	}
+}
+
+// finish removes the ended client, adds its figures to the totals and logs
+// them. It is apart from run so that run's frame stays small: the writer
+// parks under run for the client's whole life, and every byte of its frames
+// counts against the initial 2 KiB goroutine stack, which an idle client
+// would otherwise outgrow (a grown stack is 2 KiB more per client).
+func (c *client) finish(err error) {
+	p := c.p
 	p.mu.Lock()
 	delete(p.clients, c)
 	final := c.statsLocked()
@@ -187,7 +206,7 @@ func (c *client) run() {
 	case errors.Is(err, io.EOF):
 		reason = "proxy stopping"
 	}
-	c.log.Info("client disconnected", "reason", reason, "bytes_out", final.BytesOut, "bytes_in", final.BytesIn, "input_discarded", final.InputDiscarded, "dropped", final.Dropped)
+	c.log.Info("client disconnected", "client", c.id, "reason", reason, "bytes_out", final.BytesOut, "bytes_in", final.BytesIn, "input_discarded", final.InputDiscarded, "dropped", final.Dropped)
 }
 
 // writeOutput sends the reader's walk to the client until either ends.
