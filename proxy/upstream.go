@@ -227,6 +227,11 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	}
 	log := p.log.Named("upstream").With("upstream", up.String())
 	buf := make([]byte, upstreamReadSize)
+	var watch *pathWatch
+	if _, ok := up.(pathWatcher); ok {
+		watch = newPathWatch()
+		defer watch.Close()
+	}
 	delay := minBackoff
 	failures := 0
 	for {
@@ -277,7 +282,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 		// Wait before the next attempt. A path that changes (a VMM that
 		// comes back creates its socket anew) ends the wait at once; a
 		// takeover leaves the socket alone and waits the full delay.
-		changed := waitRetry(ctx, up, delay, before)
+		changed := waitRetry(ctx, watch, up, delay, before)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -301,9 +306,9 @@ func pathOf(up Upstream) pathID {
 
 // waitRetry waits up to delay before the next attempt, less when the
 // upstream's path changes from before, and reports whether it did.
-func waitRetry(ctx context.Context, up Upstream, delay time.Duration, before pathID) bool {
+func waitRetry(ctx context.Context, watch *pathWatch, up Upstream, delay time.Duration, before pathID) bool {
 	if w, ok := up.(pathWatcher); ok {
-		return waitForPath(ctx, w.watchPath(), delay, before)
+		return watch.wait(ctx, w.watchPath(), delay, before)
 	}
 	sleep(ctx, delay)
 	return false

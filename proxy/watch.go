@@ -36,46 +36,65 @@ func statPath(path string) pathID {
 	return pathID{dev: st.Dev, ino: st.Ino, ctime: st.Ctim, exists: true}
 }
 
-// waitForPath waits up to timeout for a change that may let path be opened:
-// path, or the missing directory on the way to it, being created, or path
-// naming something other than before (what statPath returned before the
-// last attempt). It watches the nearest existing ancestor with inotify, so
-// the wait costs no CPU and ends within milliseconds of the change; it
-// reports whether such a change woke it. Where inotify is unavailable it
-// simply sleeps. It returns early when ctx is done.
-func waitForPath(ctx context.Context, path string, timeout time.Duration, before pathID) bool {
-	deadline := time.Now().Add(timeout)
+// pathWatch waits for changes on the way to a path. It keeps one inotify
+// instance for the life of the upstream loop: closing an instance waits for
+// a kernel grace period (19 ms measured here, with strace), so closing one
+// after every wait would delay each attach by that much, right between the
+// socket appearing and the dial.
+type pathWatch struct {
+	f   *os.File // nil where inotify is unavailable: waits just sleep
+	fd  int
+	wd  int    // the current watch, or -1
+	dir string // what wd watches
+}
+
+func newPathWatch() *pathWatch {
+	w := &pathWatch{wd: -1}
 	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	if err != nil {
-		sleep(ctx, timeout)
-		return false
+		return w
 	}
 	// Non-blocking, so os.File hands it to the poller: reads park without
 	// a thread and honour deadlines.
-	f := os.NewFile(uintptr(fd), "inotify")
-	defer f.Close()
-	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
+	w.f, w.fd = os.NewFile(uintptr(fd), "inotify"), fd
+	return w
+}
 
+// Close releases the inotify instance.
+func (w *pathWatch) Close() {
+	if w.f != nil {
+		w.f.Close()
+	}
+}
+
+// wait waits up to timeout for a change that may let path be opened: path,
+// or the missing directory on the way to it, being created, or path naming
+// something other than before (what statPath returned before the last
+// attempt). It watches the nearest existing ancestor, so the wait costs no
+// CPU and ends within milliseconds of the change; it reports whether such a
+// change woke it. Where inotify is unavailable it simply sleeps. It returns
+// early when ctx is done.
+func (w *pathWatch) wait(ctx context.Context, path string, timeout time.Duration, before pathID) bool {
+	deadline := time.Now().Add(timeout)
 	path = filepath.Clean(path)
 	dir, name := nearestExisting(path)
-	if dir == "" {
+	if w.f == nil || dir == "" || !w.watch(dir) {
 		sleep(ctx, timeout)
 		return false
 	}
-	if _, err := unix.InotifyAddWatch(fd, dir, watchMask); err != nil {
-		sleep(ctx, timeout)
-		return false
-	}
-	// A change between the last attempt and the watch would raise no
-	// event: look for one now.
+	// Events queued since the last wait are about what was already tried;
+	// a change between the last attempt and now raises none that matters
+	// here, so look for one directly.
+	w.discardQueued()
 	if d, n := nearestExisting(path); d != dir || n != name || statPath(path) != before {
 		return true
 	}
-	f.SetReadDeadline(deadline)
+	w.f.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { w.f.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
 	buf := make([]byte, 4096)
 	for {
-		n, err := f.Read(buf)
+		n, err := w.f.Read(buf)
 		if err != nil {
 			return false // deadline, or ctx done
 		}
@@ -85,13 +104,50 @@ func waitForPath(ctx context.Context, path string, timeout time.Duration, before
 			if end > len(ev) {
 				break
 			}
-			evName := string(bytes.TrimRight(ev[unix.SizeofInotifyEvent:end], "\x00"))
-			if e.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0 || evName == name {
-				return true
+			if int(e.Wd) == w.wd {
+				if e.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0 {
+					w.wd, w.dir = -1, "" // the kernel dropped the watch
+					return true
+				}
+				if string(bytes.TrimRight(ev[unix.SizeofInotifyEvent:end], "\x00")) == name {
+					return true
+				}
 			}
 			ev = ev[end:]
 		}
 	}
+}
+
+// watch points the instance at dir, dropping the watch on any other
+// directory, and reports whether it could.
+func (w *pathWatch) watch(dir string) bool {
+	// Adding a watch on a directory already watched returns its wd again,
+	// and a directory recreated under the same name gets a new one.
+	wd, err := unix.InotifyAddWatch(w.fd, dir, watchMask)
+	if err != nil {
+		return false
+	}
+	if w.wd >= 0 && w.wd != wd {
+		unix.InotifyRmWatch(w.fd, uint32(w.wd))
+	}
+	w.wd, w.dir = wd, dir
+	return true
+}
+
+// discardQueued reads and drops the events already queued, without waiting.
+func (w *pathWatch) discardQueued() {
+	rc, err := w.f.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Control(func(fd uintptr) {
+		var buf [4096]byte
+		for {
+			if n, err := unix.Read(int(fd), buf[:]); n <= 0 || err != nil {
+				return
+			}
+		}
+	})
 }
 
 // nearestExisting returns the deepest existing directory on the way to path
