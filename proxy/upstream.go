@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // Upstream is where console output comes from: a VMM's console endpoint.
@@ -307,6 +308,13 @@ func pathOf(up Upstream) pathID {
 // waitRetry waits up to delay before the next attempt, less when the
 // upstream's path changes from before, and reports whether it did.
 func waitRetry(ctx context.Context, watch *pathWatch, up Upstream, delay time.Duration, before pathID) bool {
+	if delay < time.Millisecond {
+		// The runtime rounds a timer up to a millisecond when it has
+		// nothing else to do, which would make each fast retry ten times
+		// as long as asked. A wait this short is spent in the kernel.
+		unix.Nanosleep(&unix.Timespec{Nsec: delay.Nanoseconds()}, nil)
+		return false
+	}
 	if w, ok := up.(pathWatcher); ok {
 		return watch.wait(ctx, w.watchPath(), delay, before)
 	}
