@@ -42,10 +42,9 @@ func statPath(path string) pathID {
 // after every wait would delay each attach by that much, right between the
 // socket appearing and the dial.
 type pathWatch struct {
-	f   *os.File // nil where inotify is unavailable: waits just sleep
-	fd  int
-	wd  int    // the current watch, or -1
-	dir string // what wd watches
+	f  *os.File // nil where inotify is unavailable: waits just sleep
+	fd int
+	wd int // the current watch, or -1
 }
 
 func newPathWatch() *pathWatch {
@@ -82,9 +81,8 @@ func (w *pathWatch) wait(ctx context.Context, path string, timeout time.Duration
 		sleep(ctx, timeout)
 		return false
 	}
-	// Events queued since the last wait are about what was already tried;
-	// a change between the last attempt and now raises none that matters
-	// here, so look for one directly.
+	// Events queued until now describe changes that the comparison with
+	// before sees directly; only events after it are news.
 	w.discardQueued()
 	if d, n := nearestExisting(path); d != dir || n != name || statPath(path) != before {
 		return true
@@ -106,7 +104,7 @@ func (w *pathWatch) wait(ctx context.Context, path string, timeout time.Duration
 			}
 			if int(e.Wd) == w.wd {
 				if e.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED) != 0 {
-					w.wd, w.dir = -1, "" // the kernel dropped the watch
+					w.wd = -1 // the kernel dropped the watch
 					return true
 				}
 				if string(bytes.TrimRight(ev[unix.SizeofInotifyEvent:end], "\x00")) == name {
@@ -130,7 +128,7 @@ func (w *pathWatch) watch(dir string) bool {
 	if w.wd >= 0 && w.wd != wd {
 		unix.InotifyRmWatch(w.fd, uint32(w.wd))
 	}
-	w.wd, w.dir = wd, dir
+	w.wd = wd
 	return true
 }
 

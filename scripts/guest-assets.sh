@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.cache/guest}
 # The cache is keyed by this script, so a changed init is rebuilt.
-stamp=$(sha256sum "$0" | cut -c1-16)
+stamp=$(sha256sum scripts/guest-assets.sh | cut -c1-16)
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
   echo "guest assets ready in $out"
   exit 0
