@@ -127,12 +127,7 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	done = waitsFor(t, w, path, forever)
-	armed(t, w, dir)
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if !done() {
+	if !appearingEndsWait(t, w, path) {
 		t.Fatal("the path appearing in the new directory did not end the wait")
 	}
 
@@ -144,12 +139,19 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	done = waitsFor(t, w, path, forever)
-	armed(t, w, dir)
+	if !appearingEndsWait(t, w, path) {
+		t.Fatal("the path appearing in a directory replaced between waits did not end the wait")
+	}
+}
+
+// appearingEndsWait waits for path, creates it once its directory is
+// watched, and returns what the wait returned.
+func appearingEndsWait(t *testing.T, w *pathWatch, path string) bool {
+	t.Helper()
+	done := waitsFor(t, w, path, forever)
+	armed(t, w, filepath.Dir(path))
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if !done() {
-		t.Fatal("the path appearing in a directory replaced between waits did not end the wait")
-	}
+	return done()
 }
