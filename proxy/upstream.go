@@ -228,9 +228,9 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	}
 	log := p.log.Named("upstream").With("upstream", up.String())
 	buf := make([]byte, upstreamReadSize)
-	var watch *pathWatch
-	if _, ok := up.(pathWatcher); ok {
-		watch = newPathWatch()
+	var watch *pathWatch // nil for upstreams that are not at a path
+	if w, ok := up.(pathWatcher); ok {
+		watch = newPathWatch(w.watchPath(), log)
 		defer watch.Close()
 	}
 	delay := minBackoff
@@ -259,6 +259,9 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 			// meanwhile, and after a takeover that socket would look new.
 			before = pathOf(up)
 			failures = 0
+			if watch != nil {
+				watch.release()
+			}
 			connected := time.Now()
 			reason := p.drain(ctx, conn, buf, log)
 			if ctx.Err() != nil {
@@ -283,7 +286,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 		// Wait before the next attempt. A path that changes (a VMM that
 		// comes back creates its socket anew) ends the wait at once; a
 		// takeover leaves the socket alone and waits the full delay.
-		changed := waitRetry(ctx, watch, up, delay, before)
+		changed := waitRetry(ctx, watch, delay, before)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -306,8 +309,8 @@ func pathOf(up Upstream) pathID {
 }
 
 // waitRetry waits up to delay before the next attempt, less when the
-// upstream's path changes from before, and reports whether it did.
-func waitRetry(ctx context.Context, watch *pathWatch, up Upstream, delay time.Duration, before pathID) bool {
+// watched path (if any) changes from before, and reports whether it did.
+func waitRetry(ctx context.Context, watch *pathWatch, delay time.Duration, before pathID) bool {
 	if delay < time.Millisecond {
 		// The runtime rounds a timer up to a millisecond when it has
 		// nothing else to do, which would make each fast retry ten times
@@ -315,8 +318,8 @@ func waitRetry(ctx context.Context, watch *pathWatch, up Upstream, delay time.Du
 		unix.Nanosleep(&unix.Timespec{Nsec: delay.Nanoseconds()}, nil)
 		return false
 	}
-	if w, ok := up.(pathWatcher); ok {
-		return watch.wait(ctx, w.watchPath(), delay, before)
+	if watch != nil {
+		return watch.wait(ctx, delay, before)
 	}
 	sleep(ctx, delay)
 	return false

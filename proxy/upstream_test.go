@@ -226,8 +226,11 @@ func TestAttachesWhenTheSocketDirectoryAppearsLater(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	waitFor(t, "one inotify instance while the upstream is down", func() bool { return inotifyInstances(t) == 1 })
 	vmm := startVMM(t, filepath.Join(deep, "vmm.sock"))
 	waitFor(t, "the proxy to attach", func() bool { return vmm.Accepted() == 1 })
+	// A connected proxy holds no inotify instance: they are few per user.
+	waitFor(t, "the inotify instance to be released", func() bool { return inotifyInstances(t) == 0 })
 	vmm.Write([]byte("hello\n"))
 	readUntil(t, conn, nil, "output", func(b []byte) bool { return bytes.Contains(b, []byte("hello\n")) })
 
@@ -240,6 +243,22 @@ func TestAttachesWhenTheSocketDirectoryAppearsLater(t *testing.T) {
 	os.MkdirAll(deep, 0o755)
 	vmm2 := startVMM(t, filepath.Join(deep, "vmm.sock"))
 	waitFor(t, "the proxy to reattach", func() bool { return vmm2.Accepted() == 1 })
+}
+
+// inotifyInstances counts the inotify instances this process holds.
+func inotifyInstances(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && target == "anon_inode:inotify" {
+			n++
+		}
+	}
+	return n
 }
 
 // syncLog collects a logger's output for assertions.

@@ -6,9 +6,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 	"unsafe"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,48 +38,75 @@ func statPath(path string) pathID {
 	return pathID{dev: st.Dev, ino: st.Ino, ctime: st.Ctim, exists: true}
 }
 
-// pathWatch waits for changes on the way to a path. It keeps one inotify
-// instance for the life of the upstream loop: closing an instance waits for
-// a kernel grace period (19 ms measured here, with strace), so closing one
-// after every wait would delay each attach by that much, right between the
-// socket appearing and the dial.
+// pathWatch waits for changes on the way to the upstream's path. It holds
+// an inotify instance only while the upstream is down: the kernel allows
+// each user 128 instances by default, and a host running one proxy per VM
+// must not spend them on proxies that are connected. While the upstream
+// stays down, one instance serves every wait: closing one waits for a
+// kernel grace period (19 ms measured here, with strace), which would
+// otherwise fall between the socket appearing and the dial.
 type pathWatch struct {
-	f  *os.File // nil where inotify is unavailable: waits just sleep
-	fd int
-	wd int // the current watch, or -1
+	path   string
+	log    hclog.Logger
+	f      *os.File // the instance, nil while released
+	fd     int
+	wd     int  // the current watch, or -1
+	warned bool // that inotify is unavailable
+	closes sync.WaitGroup
 }
 
-func newPathWatch() *pathWatch {
-	w := &pathWatch{wd: -1}
+func newPathWatch(path string, log hclog.Logger) *pathWatch {
+	return &pathWatch{path: filepath.Clean(path), log: log}
+}
+
+// open readies an instance, when none is held, and reports whether there is
+// one. Without one, waits just sleep, and the operator is told once.
+func (w *pathWatch) open() bool {
+	if w.f != nil {
+		return true
+	}
 	fd, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
 	if err != nil {
-		return w
+		if !w.warned {
+			w.log.Warn("cannot watch for the upstream's path; retrying on the backoff timer only", "error", err)
+			w.warned = true
+		}
+		return false
 	}
 	// Non-blocking, so os.File hands it to the poller: reads park without
 	// a thread and honour deadlines.
-	w.f, w.fd = os.NewFile(uintptr(fd), "inotify"), fd
-	return w
+	w.f, w.fd, w.wd = os.NewFile(uintptr(fd), "inotify"), fd, -1
+	return true
 }
 
-// Close releases the inotify instance.
-func (w *pathWatch) Close() {
-	if w.f != nil {
-		w.f.Close()
+// release gives the instance back once the upstream is connected. The
+// close runs in the background, so the grace period does not hold up the
+// drain of the new connection; Close waits for it.
+func (w *pathWatch) release() {
+	if f := w.f; f != nil {
+		w.f = nil
+		w.closes.Go(func() { f.Close() })
 	}
 }
 
-// wait waits up to timeout for a change that may let path be opened: path,
-// or the missing directory on the way to it, being created, or path naming
-// something other than before (what statPath returned before the last
-// attempt). It watches the nearest existing ancestor, so the wait costs no
-// CPU and ends within milliseconds of the change; it reports whether such a
-// change woke it. Where inotify is unavailable it simply sleeps. It returns
-// early when ctx is done.
-func (w *pathWatch) wait(ctx context.Context, path string, timeout time.Duration, before pathID) bool {
+// Close releases the instance and returns once it is closed.
+func (w *pathWatch) Close() {
+	w.release()
+	w.closes.Wait()
+}
+
+// wait waits up to timeout for a change that may let the path be opened:
+// the path, or the missing directory on the way to it, being created, or
+// the path naming something other than before (what statPath returned
+// before the last attempt). It watches the nearest existing ancestor, so
+// the wait costs no CPU and ends within milliseconds of the change; it
+// reports whether such a change woke it. Where inotify is unavailable it
+// simply sleeps. It returns early when ctx is done.
+func (w *pathWatch) wait(ctx context.Context, timeout time.Duration, before pathID) bool {
 	deadline := time.Now().Add(timeout)
-	path = filepath.Clean(path)
+	path := w.path
 	dir, name := nearestExisting(path)
-	if w.f == nil || dir == "" || !w.watch(dir) {
+	if dir == "" || !w.open() || !w.watch(dir) {
 		sleep(ctx, timeout)
 		return false
 	}
@@ -87,12 +116,13 @@ func (w *pathWatch) wait(ctx context.Context, path string, timeout time.Duration
 	if d, n := nearestExisting(path); d != dir || n != name || statPath(path) != before {
 		return true
 	}
-	w.f.SetReadDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { w.f.SetReadDeadline(time.Unix(1, 0)) })
+	f := w.f // the callback below may run after release
+	f.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
 	buf := make([]byte, 4096)
 	for {
-		n, err := w.f.Read(buf)
+		n, err := f.Read(buf)
 		if err != nil {
 			return false // deadline, or ctx done
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,13 +19,14 @@ const forever = time.Hour
 
 // waitsFor runs w.wait in the background and returns a function that
 // reports its result, failing the test if it takes longer than waitTimeout.
-func waitsFor(t *testing.T, w *pathWatch, path string, timeout time.Duration) func() bool {
+func waitsFor(t *testing.T, w *pathWatch, timeout time.Duration) func() bool {
 	t.Helper()
+	path := w.path
 	before := statPath(path)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	result := make(chan bool, 1)
-	go func() { result <- w.wait(ctx, path, timeout, before) }()
+	go func() { result <- w.wait(ctx, timeout, before) }()
 	return func() bool {
 		t.Helper()
 		select {
@@ -69,18 +71,20 @@ func armed(t *testing.T, w *pathWatch, dir string) {
 // what happened before the wait began.
 func TestPathWatchAcrossWaits(t *testing.T) {
 	checkLeaks(t)
-	w := newPathWatch()
-	if w.f == nil {
-		t.Skip("inotify is unavailable")
-	}
-	defer w.Close()
 	base := t.TempDir()
 	dir := filepath.Join(base, "vm")
 	path := filepath.Join(dir, "vmm.sock")
+	w := newPathWatch(path, hclog.NewNullLogger())
+	defer w.Close()
+	// Opened here, not in the first wait, so that the test may read the
+	// descriptor while waits run.
+	if !w.open() {
+		t.Skip("inotify is unavailable")
+	}
 
 	// The directory is missing: the parent is watched, and the
 	// directory's creation ends the wait.
-	done := waitsFor(t, w, path, forever)
+	done := waitsFor(t, w, forever)
 	armed(t, w, base)
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -91,7 +95,7 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 
 	// Now the directory itself is watched: the path's name appearing, not
 	// another's, ends the wait.
-	done = waitsFor(t, w, path, forever)
+	done = waitsFor(t, w, forever)
 	armed(t, w, dir)
 	if err := os.WriteFile(filepath.Join(dir, "other"), nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -110,13 +114,13 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if done = waitsFor(t, w, path, 50*time.Millisecond); done() {
+	if done = waitsFor(t, w, 50*time.Millisecond); done() {
 		t.Fatal("events from before the wait ended it")
 	}
 
 	// The directory is replaced: the wait ends, and the next one watches
 	// the new directory.
-	done = waitsFor(t, w, path, forever)
+	done = waitsFor(t, w, forever)
 	armed(t, w, dir)
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
@@ -127,7 +131,7 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if !appearingEndsWait(t, w, path) {
+	if !appearingEndsWait(t, w) {
 		t.Fatal("the path appearing in the new directory did not end the wait")
 	}
 
@@ -139,18 +143,18 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if !appearingEndsWait(t, w, path) {
+	if !appearingEndsWait(t, w) {
 		t.Fatal("the path appearing in a directory replaced between waits did not end the wait")
 	}
 }
 
-// appearingEndsWait waits for path, creates it once its directory is
+// appearingEndsWait waits for w's path, creates it once its directory is
 // watched, and returns what the wait returned.
-func appearingEndsWait(t *testing.T, w *pathWatch, path string) bool {
+func appearingEndsWait(t *testing.T, w *pathWatch) bool {
 	t.Helper()
-	done := waitsFor(t, w, path, forever)
-	armed(t, w, filepath.Dir(path))
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
+	done := waitsFor(t, w, forever)
+	armed(t, w, filepath.Dir(w.path))
+	if err := os.WriteFile(w.path, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return done()
