@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/e2e"
-	"go.uber.org/goleak"
 )
 
 // binary is consoleproxy, built without the race detector so that memory
@@ -26,25 +25,7 @@ var binary string
 // full selects the full counts.
 var full = os.Getenv("CONSOLEPROXY_CHAOS") == "full"
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "consoleproxy-chaos-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	os.Chmod(dir, 0o755) // the permission cases run the binary as uid 65534
-	if binary, err = e2e.BuildBinary(dir, false); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	if err := goleak.Find(); code == 0 && err != nil {
-		fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
-		code = 1
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2e.Main(m, false, &binary) }
 
 // scale picks the short or the full count.
 func scale(short, long int) int {

@@ -10,15 +10,46 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
 
 // WaitTimeout bounds every wait of the end-to-end tests: generous, because
 // CI machines are shared, and never a substitute for a condition.
 const WaitTimeout = 30 * time.Second
 
-// BuildBinary builds consoleproxy into dir, with the race detector when
-// race is set, and returns its path. Test packages call it from TestMain.
-func BuildBinary(dir string, race bool) (string, error) {
+// Main is a test package's TestMain: it builds consoleproxy (with the race
+// detector when race is set) into a temporary directory that other users
+// can enter, since some tests run it as an unprivileged user; it stores the
+// binary's path in *binary, runs the tests, fails the run if a goroutine
+// outlived them, and exits.
+func Main(m *testing.M, race bool, binary *string) {
+	os.Exit(runMain(m, race, binary))
+}
+
+func runMain(m *testing.M, race bool, binary *string) int {
+	dir, err := os.MkdirTemp("", "consoleproxy-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o755)
+	if *binary, err = build(dir, race); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	code := m.Run()
+	// Every test's processes and fake VMMs are reaped by its cleanups.
+	if err := goleak.Find(); code == 0 && err != nil {
+		fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
+		code = 1
+	}
+	return code
+}
+
+// build builds consoleproxy into dir and returns its path.
+func build(dir string, race bool) (string, error) {
 	bin := filepath.Join(dir, "consoleproxy")
 	args := []string{"build", "-o", bin}
 	if race {

@@ -9,32 +9,12 @@ import (
 	"sync"
 	"syscall"
 	"testing"
-
-	"go.uber.org/goleak"
 )
 
 // binary is the consoleproxy built for this run by TestMain.
 var binary string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "consoleproxy-e2e-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if binary, err = BuildBinary(dir, true); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	// Every test's processes and fake VMMs are reaped by its cleanups.
-	if err := goleak.Find(); code == 0 && err != nil {
-		fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
-		code = 1
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { Main(m, true, &binary) }
 
 // vmm is a minimal VMM console socket: it prints a boot log to its client
 // and answers "uname -a" typed into it.
