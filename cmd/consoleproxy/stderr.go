@@ -44,11 +44,11 @@ func newLineQueue(out io.Writer) *lineQueue {
 }
 
 // Write queues one log line (hclog writes a line per call). It never
-// blocks on stderr and never fails.
+// blocks on stderr and never fails. Lines written while Close flushes are
+// written too (the count of dropped lines among them).
 func (q *lineQueue) Write(p []byte) (int, error) {
 	q.mu.Lock()
 	switch {
-	case q.closed:
 	case len(q.lines) >= stderrQueueLines:
 		q.dropped++
 	default:
