@@ -44,6 +44,11 @@ const timestampLayout = "2006-01-02T15:04:05.000Z"
 // would let whoever controls the link choose which file the proxy appends to.
 var ErrSymlink = errors.New("is a symbolic link; refusing to follow it")
 
+// ErrNotRegular is returned when the log path (or PATH.1, when read for
+// seeding) is not a regular file: a FIFO, a socket, a device, a directory.
+// It is found without opening the path in a way that blocks.
+var ErrNotRegular = errors.New("not a regular file")
+
 // Options configures a Log. The zero value never rotates and adds no
 // timestamps.
 type Options struct {
@@ -77,7 +82,8 @@ type Log struct {
 }
 
 // Open opens or creates the log at path for appending. It refuses a
-// symbolic link (ErrSymlink) and anything that is not a regular file.
+// symbolic link (ErrSymlink) and anything that is not a regular file
+// (ErrNotRegular), without opening it in a way that blocks.
 func Open(path string, opts Options) (*Log, error) {
 	if opts.MaxSize < 0 || opts.MaxFiles < 0 {
 		return nil, fmt.Errorf("console log %s: negative size or file count", path)
@@ -114,18 +120,14 @@ func createLog(path string) (*os.File, error) {
 func (l *Log) openLocked() error {
 	f, err := createLog(l.path)
 	if errors.Is(err, os.ErrExist) {
-		f, err = os.OpenFile(l.path, openFlags, 0)
+		f, err = openRegular(l.path, openFlags)
+	} else if err != nil {
+		err = fmt.Errorf("console log: %w", err)
 	}
 	if err != nil {
-		if errors.Is(err, unix.ELOOP) {
-			return fmt.Errorf("console log %s %w", l.path, ErrSymlink)
-		}
-		return fmt.Errorf("console log: %w", err)
+		return err
 	}
 	fi, err := f.Stat()
-	if err == nil && !fi.Mode().IsRegular() {
-		err = errors.New("not a regular file")
-	}
 	var last [1]byte
 	if err == nil && fi.Size() > 0 {
 		_, err = f.ReadAt(last[:], fi.Size()-1)
