@@ -1,18 +1,153 @@
 package logsink
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// Tests of what others do to the log's files behind its back: a FIFO in the
-// way.
+// Tests of what others do to the log's files behind its back: logrotate's
+// copytruncate, a FIFO in the way.
+
+// numbered returns console lines "NAME NNNNNN ...\n" adding up to at least
+// n bytes, distinct from those of any other name.
+func numbered(name string, n int) []byte {
+	var b []byte
+	for i := 0; len(b) < n; i++ {
+		b = fmt.Appendf(b, "%s %06d %s\n", name, i, strings.Repeat(".", i%53))
+	}
+	return b
+}
+
+// fakeClock is a time source for Options.Now that moves only when told.
+type fakeClock struct{ now time.Time }
+
+func (c *fakeClock) Now() time.Time            { return c.now }
+func (c *fakeClock) advance(d time.Duration)   { c.now = c.now.Add(d) }
+func newFakeClock() *fakeClock                 { return &fakeClock{now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+func (c *fakeClock) options(o Options) Options { o.Now = c.Now; return o }
+
+func mustWrite(t *testing.T, l *Log, b []byte) {
+	t.Helper()
+	if n, err := l.Write(b); n != len(b) || err != nil {
+		t.Fatalf("Write(%d bytes) = %d, %v", len(b), n, err)
+	}
+}
+
+// The issue's report: logrotate's copytruncate emptied the file, then the
+// disk filled in the middle of a write. Truncating back to the size the Log
+// believed in extended the file with NULs, and the retry then duplicated
+// what the partial write had left.
+func TestFailedWriteAfterExternalTruncationLeavesNoNULs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	fail := false
+	l, err := Open(path, Options{Seam: func(f *os.File) io.Writer { return failingSeam{f, &fail} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	writeInChunks(t, l, numbered("before", 300<<10))
+	if err := os.Truncate(path, 0); err != nil { // copytruncate's truncate
+		t.Fatal(err)
+	}
+	after := numbered("after", 8<<10)
+	fail = true
+	if n, err := l.Write(after); n != 0 || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("failing Write = %d, %v; want 0, ENOSPC", n, err)
+	}
+	fail = false
+	mustWrite(t, l, after)
+	got := readFile(t, path)
+	if nul := bytes.Count(got, []byte{0}); nul > 0 || !bytes.Equal(got, after) {
+		t.Errorf("log holds %d bytes (%d NUL), want exactly the %d written after the truncation; starts %q",
+			len(got), nul, len(after), got[:min(len(got), 40)])
+	}
+}
+
+// The same with timestamps: the file the truncation left is empty, so the
+// retried write starts a line and gets its timestamp.
+func TestFailedWriteAfterExternalTruncationKeepsTimestampsRight(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	fail := false
+	clock := newFakeClock()
+	l, err := Open(path, clock.options(Options{Timestamps: true, Seam: func(f *os.File) io.Writer { return failingSeam{f, &fail} }}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	mustWrite(t, l, []byte("a line cut by the rotation"))
+	os.Truncate(path, 0)
+	fail = true
+	l.Write([]byte(" continues\nnext\n"))
+	fail = false
+	mustWrite(t, l, []byte(" continues\nnext\n"))
+	ts := "2026-01-02T03:04:05.000Z "
+	if got, want := string(readFile(t, path)), ts+" continues\n"+ts+"next\n"; got != want {
+		t.Errorf("log = %q, want %q", got, want)
+	}
+}
+
+// After a copytruncate the next rotation counts from the file's real size,
+// not from the size before the truncation (the issue saw one at 298 KB with
+// a 1 MiB limit).
+func TestRotationCountsFromTheRealSizeAfterExternalTruncation(t *testing.T) {
+	const maxSize = 64 << 10
+	path := filepath.Join(t.TempDir(), "console.log")
+	// A clock that never moves: only the size limit can make the Log look.
+	l, err := Open(path, newFakeClock().options(Options{MaxSize: maxSize, MaxFiles: 2}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	writeInChunks(t, l, numbered("before", 60<<10))
+	if err := os.Truncate(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	after := numbered("after", 150<<10)
+	writeInChunks(t, l, after[:40<<10])
+	if _, err := os.Stat(path + ".1"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("rotated at %d bytes of a %d limit: PATH.1 %v", 40<<10, maxSize, err)
+	}
+	writeInChunks(t, l, after[40<<10:])
+	a, b, c := readFile(t, path+".2"), readFile(t, path+".1"), readFile(t, path)
+	if !bytes.Equal(append(append(a, b...), c...), after) {
+		t.Fatalf("PATH.2 PATH.1 PATH (%d+%d+%d bytes) are not what was written after the truncation", len(a), len(b), len(c))
+	}
+	for i, f := range [][]byte{a, b} {
+		if len(f) < maxSize-CutWindow || len(f) > maxSize {
+			t.Errorf("PATH.%d holds %d bytes; want %d to %d", 2-i, len(f), maxSize-CutWindow, maxSize)
+		}
+	}
+}
+
+// A copytruncate while the Log has been writing for a while is picked up by
+// the periodic look at the file, so that timestamps start the new file's
+// first line.
+func TestExternalTruncationIsFollowedByTheNextLook(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	clock := newFakeClock()
+	l, err := Open(path, clock.options(Options{Timestamps: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	mustWrite(t, l, []byte("mid-line"))
+	os.Truncate(path, 0)
+	clock.advance(2 * time.Second)
+	mustWrite(t, l, []byte(" end\n"))
+	if got, want := string(readFile(t, path)), "2026-01-02T03:04:07.000Z  end\n"; got != want {
+		t.Errorf("log = %q, want %q", got, want)
+	}
+}
 
 // mkfifo makes a FIFO at path, and releases at cleanup whoever the code
 // under test left blocked opening it.

@@ -4,7 +4,10 @@
 // A Log is written by one producer (package proxy's log writer, itself a
 // reader of the console ring) and reopened from a signal handler; it starts
 // no goroutine and does no buffering of its own, so what Write returns is on
-// its way to the disk. It assumes it is the only writer of its files.
+// its way to the disk. It assumes it is the only writer of its files, and
+// follows what others do to them: a truncation (logrotate's copytruncate) is
+// followed, never undone; a FIFO or anything else that is not a regular
+// file is refused without blocking on it.
 //
 // Rotation cuts the stream at a line boundary when one is near the size
 // limit, renames PATH to PATH.1 (and PATH.1 to PATH.2, …), and starts a new
@@ -40,6 +43,11 @@ const TimestampLen = len(timestampLayout) + 1
 
 const timestampLayout = "2006-01-02T15:04:05.000Z"
 
+// lookInterval is how often, at most, a Log that is being written looks at
+// its file (one fstat(2)) to find a truncation by others. A Log that is not
+// written never looks.
+const lookInterval = time.Second
+
 // ErrSymlink is returned when the log path is a symbolic link: following it
 // would let whoever controls the link choose which file the proxy appends to.
 var ErrSymlink = errors.New("is a symbolic link; refusing to follow it")
@@ -61,7 +69,8 @@ type Options struct {
 	// Timestamps prefixes every line with the time its first byte was
 	// written.
 	Timestamps bool
-	// Now returns the current time; nil means time.Now. For tests.
+	// Now returns the current time, for timestamps and for spacing the
+	// Log's looks at its file; nil means time.Now. For tests.
 	Now func() time.Time
 	// Seam, when set, stands between the Log and its open file for every
 	// write. For fault-injection tests; nil means the file itself.
@@ -76,9 +85,14 @@ type Log struct {
 	mu          sync.Mutex
 	closed      bool
 	f           *os.File
-	size        int64  // bytes in f
+	size        int64  // bytes in f, as of the last write or look
 	atLineStart bool   // the file ends with a newline, or is empty
 	render      []byte // reused for the bytes of one Write
+
+	// What others did to the file is learned by looking at it (fstat):
+	// when a write would rotate, after a failed write, and at most every
+	// lookInterval while writing.
+	lastLook time.Time
 }
 
 // Open opens or creates the log at path for appending. It refuses a
@@ -128,15 +142,53 @@ func (l *Log) openLocked() error {
 		return err
 	}
 	fi, err := f.Stat()
-	var last [1]byte
-	if err == nil && fi.Size() > 0 {
-		_, err = f.ReadAt(last[:], fi.Size()-1)
-	}
 	if err != nil {
 		f.Close()
 		return fmt.Errorf("console log %s: %w", l.path, err)
 	}
-	l.f, l.size, l.atLineStart = f, fi.Size(), fi.Size() == 0 || last[0] == '\n'
+	l.f = f
+	if err := l.followSizeLocked(fi.Size()); err != nil {
+		l.f = nil
+		f.Close()
+		return err
+	}
+	l.lastLook = l.opts.Now()
+	return nil
+}
+
+// followSizeLocked makes size the file's size as far as the Log knows, and
+// learns from the file whether it ends a line.
+func (l *Log) followSizeLocked(size int64) error {
+	l.size, l.atLineStart = size, true
+	if size == 0 {
+		return nil
+	}
+	var last [1]byte
+	_, err := l.f.ReadAt(last[:], size-1)
+	switch {
+	case err == nil:
+		l.atLineStart = last[0] == '\n'
+	case errors.Is(err, io.EOF):
+		// Truncated again since size was read: the next look learns how
+		// far. Until then a line start is the likelier guess.
+	default:
+		return fmt.Errorf("console log %s: %w", l.path, err)
+	}
+	return nil
+}
+
+// lookLocked looks at the open file (one fstat) to follow what others did
+// to it: a truncation (logrotate's copytruncate) makes the file's real size
+// the Log's, so that the next rotation counts from it.
+func (l *Log) lookLocked() error {
+	l.lastLook = l.opts.Now()
+	fi, err := l.f.Stat()
+	if err != nil {
+		return fmt.Errorf("console log %s: %w", l.path, err)
+	}
+	if fi.Size() != l.size {
+		return l.followSizeLocked(fi.Size())
+	}
 	return nil
 }
 
@@ -156,7 +208,26 @@ func (l *Log) Write(p []byte) (int, error) {
 			return 0, err
 		}
 	}
-	out, stamps := l.renderLocked(p)
+	now := l.opts.Now()
+	if now.Sub(l.lastLook) >= lookInterval || now.Before(l.lastLook) {
+		if err := l.lookLocked(); err != nil {
+			return 0, err
+		}
+	}
+	out, stamps := l.renderLocked(p, now)
+	if l.opts.MaxSize > 0 && l.size+int64(len(out)) > l.opts.MaxSize {
+		// This write would rotate the file: the decision must count from
+		// the file's real size, which a copytruncate may have cut. The
+		// check costs one fstat per rotation (or per truncation found),
+		// not one per write.
+		wasAtLineStart := l.atLineStart
+		if err := l.lookLocked(); err != nil {
+			return 0, err
+		}
+		if l.atLineStart != wasAtLineStart {
+			out, stamps = l.renderLocked(p, now)
+		}
+	}
 	written := 0 // console bytes of p in the file
 	for len(out) > 0 {
 		seg, rotate := l.cutLocked(out)
@@ -187,16 +258,16 @@ func (l *Log) Write(p []byte) (int, error) {
 	return written, nil
 }
 
-// renderLocked returns p as file bytes, with a timestamp at every line
-// start when configured, and where each timestamp starts.
-func (l *Log) renderLocked(p []byte) (out []byte, stamps []int) {
+// renderLocked returns p as file bytes, with a timestamp (of now) at every
+// line start when configured, and where each timestamp starts.
+func (l *Log) renderLocked(p []byte, now time.Time) (out []byte, stamps []int) {
 	if !l.opts.Timestamps {
 		return p, nil
 	}
 	// AppendFormat may outgrow a fixed array while formatting the fraction,
 	// so keep what it returns.
 	var arr [TimestampLen + 8]byte
-	ts := append(l.opts.Now().UTC().AppendFormat(arr[:0], timestampLayout), ' ')
+	ts := append(now.UTC().AppendFormat(arr[:0], timestampLayout), ' ')
 	out = l.render[:0]
 	atStart := l.atLineStart
 	for len(p) > 0 {
@@ -256,16 +327,33 @@ func (l *Log) appendLocked(b []byte) error {
 		return nil
 	}
 	if n > 0 {
-		if terr := l.f.Truncate(l.size); terr != nil {
-			// The file holds a partial write we could not take back: count
-			// it as written, so nothing is written twice.
-			if fi, serr := l.f.Stat(); serr == nil {
-				l.size = fi.Size()
-				l.atLineStart = b[n-1] == '\n'
-			}
-		}
+		l.takeBackLocked(n)
 	}
 	return fmt.Errorf("write console log %s: %w", l.path, err)
+}
+
+// takeBackLocked removes the n bytes a failed write left at the end of the
+// file. The end is asked of the file, not taken from l.size: O_APPEND put
+// them at the real end, which an external truncation (logrotate's
+// copytruncate) may have moved below l.size, and truncating to the stale
+// size would extend the file with NULs. What remains is a window of
+// microseconds between the fstat and the ftruncate in which a truncation by
+// others would still be undone.
+func (l *Log) takeBackLocked(n int) {
+	fi, err := l.f.Stat()
+	if err != nil {
+		// Nothing known to truncate to: better a partial write in the log
+		// than a hole. The next look learns the size.
+		return
+	}
+	end := max(0, fi.Size()-int64(n))
+	if err := l.f.Truncate(end); err != nil {
+		// The file holds a partial write we could not take back.
+		end = fi.Size()
+	}
+	// A failed read of the last byte leaves the line-start guess: it only
+	// decides whether the next byte gets a timestamp.
+	l.followSizeLocked(end)
 }
 
 // rotateLocked moves PATH to PATH.1 (shifting older files up and dropping
@@ -320,6 +408,7 @@ func (l *Log) rotateLocked() error {
 	}
 	// The file just created is now PATH: keep its descriptor.
 	l.f, l.size, l.atLineStart = f, 0, true
+	l.lastLook = l.opts.Now()
 	return nil
 }
 
