@@ -2,15 +2,21 @@ package e2e
 
 import (
 	"bytes"
+	"io"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // Tests of what others do to the console log's files under the running
-// daemon: truncate them, put a FIFO in their place.
+// daemon: truncate them, delete them, put a FIFO in their place.
+
+const logHeader = "[consoleproxy] upstream connected\r\n" + "Linux version 6.1.0 (boot log)\nguest login: "
 
 // A FIFO opened to read blocks until a writer comes: the daemon must
 // refuse it, not wait for one.
@@ -69,5 +75,99 @@ func TestExternalTruncationIsFollowed(t *testing.T) {
 	}
 	if len(rotated) < 256<<10-4096 || len(rotated) > 256<<10 {
 		t.Errorf("PATH.1 holds %d bytes, want the cut within 4 KiB before 256 KiB", len(rotated))
+	}
+}
+
+var lossNotice = regexp.MustCompile(`^\[consoleproxy\] console log: (\d+) bytes not logged \(log file deleted\)\r\n`)
+
+// A console log deleted from under the daemon (or its whole directory) is
+// noticed within a second of writing and created again, starting with the
+// loss notice for what went into the deleted file after the daemon last
+// saw it linked.
+func TestDeletedLogIsCreatedAgain(t *testing.T) {
+	for _, whole := range []bool{false, true} {
+		name := "file"
+		if whole {
+			name = "directory"
+		}
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			logDir := filepath.Join(dir, "logs")
+			os.Mkdir(logDir, 0o755)
+			logPath := filepath.Join(logDir, "console.log")
+			_, daemon, v := startProxyIn(t, dir, "--console-log", logPath)
+			want := logHeader + string(lines(0, 64<<10))
+			v.write(t, []byte(want[len(logHeader):]))
+			WaitFor(t, "the log to hold the output", func() bool { return string(fileContents(t, logPath)) == want })
+			// Held open to read back what went into the file after the
+			// deletion.
+			deleted, err := os.Open(logPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer deleted.Close()
+			deletedSize := func() int { fi, _ := deleted.Stat(); return int(fi.Size()) }
+			atDeletion := len(want)
+			if whole {
+				err = os.RemoveAll(logDir)
+			} else {
+				err = os.Remove(logPath)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The VM prints a line at a time until the daemon has noticed:
+			// a file created again, or a write failing for want of its
+			// directory.
+			noticed := func() bool {
+				if whole {
+					return strings.Contains(daemon.Stderr.String(), "console log write failed")
+				}
+				_, err := os.Stat(logPath)
+				return err == nil
+			}
+			deadline := time.Now().Add(WaitTimeout)
+			for i := 0; !noticed(); i++ {
+				if time.Now().After(deadline) {
+					t.Fatalf("the daemon did not notice the deletion in %v of writing", WaitTimeout)
+				}
+				line := lines(100000+i, 1)
+				v.write(t, line)
+				want += string(line)
+				WaitFor(t, "the line to be written", func() bool { return deletedSize() == len(want) || noticed() })
+			}
+			if whole {
+				if msg := daemon.Stderr.String(); !strings.Contains(msg, "no such file or directory") {
+					t.Errorf("the daemon log does not say why writing fails:\n%s", msg)
+				}
+				os.Mkdir(logDir, 0o755)
+			}
+			last := lines(200000, 1)
+			v.write(t, last)
+			want += string(last)
+			WaitFor(t, "the log to be created again", func() bool { return bytes.HasSuffix(fileContents(t, logPath), last) })
+
+			old, err := io.ReadAll(deleted)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cur := fileContents(t, logPath)
+			m := lossNotice.FindSubmatch(cur)
+			if m == nil {
+				t.Fatalf("the new log does not start with the loss notice: %q", cur[:min(len(cur), 120)])
+			}
+			if got := string(old) + string(cur[len(m[0]):]); got != want {
+				t.Errorf("deleted + new log = %d bytes, want %d; first difference at %d", len(got), len(want), firstDiff(got, want))
+			}
+			// What went in after the deletion is lost for sure; what went in
+			// before it, only since the daemon last looked.
+			n, _ := strconv.Atoi(string(m[1]))
+			if n < len(old)-atDeletion || n > len(old) {
+				t.Errorf("the notice counts %d bytes; %d went into the file after its deletion, %d in all", n, len(old)-atDeletion, len(old))
+			}
+			if msg := daemon.Stderr.String(); !strings.Contains(msg, "deleted") {
+				t.Errorf("the daemon log does not mention the deletion:\n%s", msg)
+			}
+		})
 	}
 }

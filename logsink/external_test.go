@@ -16,7 +16,7 @@ import (
 )
 
 // Tests of what others do to the log's files behind its back: logrotate's
-// copytruncate, a FIFO in the way.
+// copytruncate, an rm, a FIFO in the way.
 
 // numbered returns console lines "NAME NNNNNN ...\n" adding up to at least
 // n bytes, distinct from those of any other name.
@@ -35,6 +35,21 @@ func (c *fakeClock) Now() time.Time            { return c.now }
 func (c *fakeClock) advance(d time.Duration)   { c.now = c.now.Add(d) }
 func newFakeClock() *fakeClock                 { return &fakeClock{now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
 func (c *fakeClock) options(o Options) Options { o.Now = c.Now; return o }
+
+// unlogged is what proxy.RunLog looks for in a Write error: output the log
+// had accepted earlier and lost since.
+type unlogged interface{ Unlogged() (uint64, string) }
+
+// lossOf returns the bytes a Write error reports lost, and whether it
+// reports a loss at all.
+func lossOf(err error) (uint64, string, bool) {
+	var u unlogged
+	if !errors.As(err, &u) {
+		return 0, "", false
+	}
+	n, reason := u.Unlogged()
+	return n, reason, true
+}
 
 func mustWrite(t *testing.T, l *Log, b []byte) {
 	t.Helper()
@@ -146,6 +161,130 @@ func TestExternalTruncationIsFollowedByTheNextLook(t *testing.T) {
 	mustWrite(t, l, []byte(" end\n"))
 	if got, want := string(readFile(t, path)), "2026-01-02T03:04:07.000Z  end\n"; got != want {
 		t.Errorf("log = %q, want %q", got, want)
+	}
+}
+
+func TestDeletedFileIsNoticedAndCreatedAgain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	clock := newFakeClock()
+	l, err := Open(path, clock.options(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	mustWrite(t, l, []byte("before\n"))
+	clock.advance(2 * time.Second)
+	mustWrite(t, l, []byte("looked before this\n")) // the look sees the file linked
+	os.Remove(path)
+	mustWrite(t, l, []byte("into the deleted file\n")) // within a second: not looked
+	clock.advance(time.Second)
+	n, err := l.Write([]byte("after\n"))
+	lost, reason, ok := lossOf(err)
+	if want := len("looked before this\ninto the deleted file\n"); n != 0 || !ok || lost != uint64(want) || !errors.Is(err, ErrDeleted) {
+		t.Fatalf("Write after the deletion = %d, %v (loss %d %q, %v); want 0 and a loss of %d, ErrDeleted", n, err, lost, reason, ok, want)
+	}
+	if reason != "log file deleted" {
+		t.Errorf("reason %q", reason)
+	}
+	mustWrite(t, l, []byte("after\n"))
+	if got := string(readFile(t, path)); got != "after\n" {
+		t.Errorf("new log = %q", got)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != FileMode {
+		t.Errorf("new log: %v, mode %v", err, fi.Mode().Perm())
+	}
+}
+
+// Nothing looks at the file while nothing is written; the first write
+// after an idle deletion finds it. What was written after the last look
+// that saw the file counts as lost: the Log cannot tell whether it went in
+// before the deletion.
+func TestDeletionWhileIdleIsNoticedAtTheNextWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	clock := newFakeClock()
+	l, err := Open(path, clock.options(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	mustWrite(t, l, []byte("before\n"))
+	clock.advance(2 * time.Second)
+	mustWrite(t, l, []byte("looked\n"))
+	clock.advance(time.Hour) // idle
+	os.Remove(path)
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the Log recreated the file while idle: %v", err)
+	}
+	n, err := l.Write([]byte("after\n"))
+	if lost, _, ok := lossOf(err); n != 0 || !ok || lost != uint64(len("looked\n")) {
+		t.Fatalf("Write = %d, %v; want 0 and a loss of %d", n, err, len("looked\n"))
+	}
+	mustWrite(t, l, []byte("after\n"))
+	if got := string(readFile(t, path)); got != "after\n" {
+		t.Errorf("new log = %q", got)
+	}
+}
+
+// With its directory gone the file cannot be created again: that is a
+// write failure until the directory is back, and the loss is reported once
+// writing resumes.
+func TestDeletedDirectoryFailsWritesUntilItIsBack(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "logs")
+	os.Mkdir(dir, 0o755)
+	path := filepath.Join(dir, "console.log")
+	clock := newFakeClock()
+	l, err := Open(path, clock.options(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	mustWrite(t, l, []byte("lost\n"))
+	os.RemoveAll(dir)
+	mustWrite(t, l, []byte("lost too\n"))
+	clock.advance(time.Second)
+	for range 2 {
+		n, err := l.Write([]byte("after\n"))
+		if _, _, loss := lossOf(err); n != 0 || loss || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), path) {
+			t.Fatalf("Write with the directory gone = %d, %v; want 0, a failure naming %s", n, err, path)
+		}
+		clock.advance(time.Second)
+	}
+	os.Mkdir(dir, 0o755)
+	n, err := l.Write([]byte("after\n"))
+	if lost, _, ok := lossOf(err); n != 0 || !ok || lost != uint64(len("lost\nlost too\n")) {
+		t.Fatalf("Write with the directory back = %d, %v; want 0 and a loss of %d", n, err, len("lost\nlost too\n"))
+	}
+	mustWrite(t, l, []byte("after\n"))
+	if got := string(readFile(t, path)); got != "after\n" {
+		t.Errorf("new log = %q", got)
+	}
+}
+
+// A rotation looks too: it does not rotate a deleted file into PATH.1.
+func TestDeletedFileIsNoticedWhenRotating(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	l, err := Open(path, newFakeClock().options(Options{MaxSize: 100, MaxFiles: 2}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	first := numbered("first", 60)
+	mustWrite(t, l, first)
+	os.Remove(path)
+	second := numbered("second", 60)
+	n, err := l.Write(second)
+	if lost, _, ok := lossOf(err); !ok || lost != uint64(len(first)+n) {
+		t.Fatalf("Write across the limit = %d, %v; want a loss of %d+%d", n, err, len(first), n)
+	}
+	mustWrite(t, l, second[n:])
+	if got := readFile(t, path); !bytes.Equal(got, second[n:]) {
+		t.Errorf("new log = %q, want %q", got, second[n:])
+	}
+	for _, k := range []string{".1", ".2"} {
+		if _, err := os.Lstat(path + k); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("PATH%s exists: %v", k, err)
+		}
 	}
 }
 
