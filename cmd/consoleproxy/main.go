@@ -35,9 +35,14 @@ func main() {
 	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// runMain runs the daemon and returns its exit status: 0 for a clean stop, 1
-// for a runtime failure, 2 for a usage error.
+// runMain runs the daemon, or the attach client when args start with
+// "attach", and returns its exit status: 0 for a clean stop, 1 for a
+// runtime failure, 2 for a usage error.
 func runMain(args []string, stdout, stderr io.Writer) int {
+	// The client shares the binary, so it is wherever the daemon is.
+	if len(args) > 0 && args[0] == "attach" {
+		return runAttach(args[1:], os.Stdin, stdout, stderr)
+	}
 	o, err := parseArgs(args)
 	if err != nil {
 		fmt.Fprintf(stderr, "consoleproxy: %v (see consoleproxy --help)\n", err)
