@@ -22,6 +22,8 @@ type vmm struct {
 	ln   net.Listener
 	mu   sync.Mutex
 	conn net.Conn
+
+	input SyncBuffer // every byte the proxy wrote to the VMM
 }
 
 func startVMM(t *testing.T, path string) *vmm {
@@ -45,6 +47,7 @@ func startVMM(t *testing.T, path string) *vmm {
 		buf := make([]byte, 64)
 		for {
 			n, err := conn.Read(buf)
+			v.input.Write(buf[:n])
 			for _, c := range buf[:n] {
 				if c != '\n' && c != '\r' {
 					line = append(line, c)
