@@ -130,6 +130,9 @@ func Run(ctx context.Context, o Options) error {
 	if o.Status != "" {
 		var err error
 		if socket, err = LookupConsole(ctx, o.Status, o.Console, o.ReadOnly); err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
 			return err
 		}
 	}
