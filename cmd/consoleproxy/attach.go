@@ -34,32 +34,34 @@ Every client first receives the replay (the recent history), then live
 output; --until matches in both.
 
 Flags:
-  --read-only          never read standard input and send nothing (for a
-                       --listen-ro socket, or to watch safely); Ctrl-C leaves
-  --escape CHAR        the key that detaches: ^X notation (^] ^O ^X ^?), a single
-                       character, or none (default ^])
-  --until REGEX        print the output until it matches REGEX (Go regexp syntax),
-                       up to the end of the match, then exit 0; a match may span
-                       reads, up to 64 KiB. The end of input does not end the wait.
-  --timeout D          give up after D (500ms, 10s, 2m) and exit 1: with --until,
-                       when nothing matched in time; without, it bounds the session
-  --linger D           after the end of input, leave once D passes with no output
-                       (default 1s)
-  --status PATH        the daemon's status socket: attach to console NAME listed
-                       there (its --listen socket, or --listen-ro with --read-only)
+  --read-only      never read standard input and send nothing (for a
+                   --listen-ro socket, or to watch safely); Ctrl-C leaves
+  --escape CHAR    the key that detaches: ^X notation (^] ^O ^X ^?), one
+                   ASCII character, or none (default ^])
+  --until REGEX    print the output up to the end of the first match of
+                   REGEX (Go regexp syntax), then exit 0; a match may span
+                   reads, up to 64 KiB. The end of input does not end the wait.
+  --timeout D      give up after D (500ms, 10s, 2m) and exit 1: with --until,
+                   when nothing matched in time; without, it bounds the session
+  --linger D       after the end of input, leave once D passes with no output
+                   (default 1s)
+  --status PATH    the daemon's status socket: attach to console NAME listed
+                   there (its --listen socket; --listen-ro with --read-only)
 
 Examples:
   consoleproxy attach /run/vm1/console.sock
       a shell in the VM; Ctrl-] detaches
   consoleproxy attach --read-only /run/vm1/console-ro.sock
       watch the console, the boot history first; Ctrl-C leaves
-  consoleproxy attach --read-only --until 'login:' --timeout 2m /run/vm1/console.sock
+  consoleproxy attach --read-only --until 'login:' --timeout 2m \
+      /run/vm1/console.sock
       wait for the VM to boot (exit 0), or fail after 2 minutes (exit 1)
   printf 'uname -a\n' | consoleproxy attach /run/vm1/console.sock
       run one command: print its answer, leave 1 s after the last output
-  printf 'uname -a; echo END$((6*7))\n' | consoleproxy attach --until END42 --timeout 10s /run/vm1/console.sock
-      the same, leaving as soon as the answer is complete (the shell's echo of
-      the command line shows END$((6*7)), so only the answer matches)
+  printf 'uname -a; echo END$((6*7))\n' |
+      consoleproxy attach --until END42 --timeout 10s /run/vm1/console.sock
+      the same, leaving once the answer is complete: the shell's echo of the
+      command line shows END$((6*7)), so only the answer matches
   consoleproxy attach --status /run/consoleproxy/status.sock vm1
       the console named vm1 of a daemon with --status
 
