@@ -154,7 +154,7 @@ func TestAttachInTerminal(t *testing.T) {
 	term.waitScreen(t, "guest login: ") // the replay
 
 	term.typeKeys(t, "\x03")
-	WaitFor(t, "Ctrl-C to reach the VMM as 0x03", func() bool { return strings.Contains(v.input.String(), "\x03") })
+	WaitFor(t, "Ctrl-C to reach the VMM as 0x03", func() bool { return strings.Contains(v.input(), "\x03") })
 	// Enter first, to end the line Ctrl-C is on at the fake VMM.
 	term.typeKeys(t, "\runame -a\r")
 	term.waitScreen(t, "Linux guest 6.1.0 x86_64 GNU/Linux")
@@ -171,7 +171,7 @@ func TestAttachInTerminal(t *testing.T) {
 	if after := term.settings(t); after != before {
 		t.Errorf("terminal settings after the escape differ:\nbefore %+v\nafter  %+v", before, after)
 	}
-	if got := v.input.String(); got != "\x03\runame -a\r" {
+	if got := v.input(); got != "\x03\runame -a\r" {
 		t.Errorf("the VMM received %q, want Ctrl-C and the command, without the escape", got)
 	}
 }
@@ -300,7 +300,7 @@ func TestAttachEndOfInput(t *testing.T) {
 	if got := p.Stdout.String(); got != want {
 		t.Errorf("printed %q, want %q", got, want)
 	}
-	if got := v.input.String(); got != "uname -a\n" {
+	if got := v.input(); got != "uname -a\n" {
 		t.Errorf("the VMM received %q", got)
 	}
 	if p.Stderr.String() != "" {
@@ -321,7 +321,7 @@ func TestAttachReadOnlySendsNothing(t *testing.T) {
 	if !regexp.MustCompile(`client disconnected: .*bytes_in=0 `).MatchString(daemon.Stderr.String()) {
 		t.Errorf("the proxy counted input from a read-only attach:\n%s", daemon.Stderr)
 	}
-	if got := v.input.String(); got != "" {
+	if got := v.input(); got != "" {
 		t.Errorf("the VMM received %q from a read-only attach", got)
 	}
 }

@@ -22,8 +22,7 @@ type vmm struct {
 	ln   net.Listener
 	mu   sync.Mutex
 	conn net.Conn
-
-	input SyncBuffer // every byte the proxy wrote to the VMM
+	in   []byte // every byte received
 }
 
 func startVMM(t *testing.T, path string) *vmm {
@@ -47,7 +46,9 @@ func startVMM(t *testing.T, path string) *vmm {
 		buf := make([]byte, 64)
 		for {
 			n, err := conn.Read(buf)
-			v.input.Write(buf[:n])
+			v.mu.Lock()
+			v.in = append(v.in, buf[:n]...)
+			v.mu.Unlock()
 			for _, c := range buf[:n] {
 				if c != '\n' && c != '\r' {
 					line = append(line, c)
@@ -73,6 +74,13 @@ func startVMM(t *testing.T, path string) *vmm {
 		wg.Wait()
 	})
 	return v
+}
+
+// input returns every byte the VMM has received.
+func (v *vmm) input() string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return string(v.in)
 }
 
 // write sends b to the proxy, once it is connected.

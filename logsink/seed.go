@@ -16,7 +16,9 @@ import (
 // timestamps set, the timestamps Options.Timestamps adds are removed. When
 // the result does not begin at the start of the history it begins at a line
 // start: after the first newline within CutWindow bytes, if there is one.
-// Missing files give an empty result.
+// Missing files give an empty result; anything else that is not a regular
+// file is refused (ErrSymlink, ErrNotRegular) without opening it in a way
+// that blocks.
 func ReadTail(path string, max int, timestamps bool) ([]byte, error) {
 	if max <= 0 {
 		return nil, nil
@@ -51,25 +53,21 @@ func ReadTail(path string, max int, timestamps bool) ([]byte, error) {
 	return data, nil
 }
 
-// readTail reads up to n bytes from the end of the file at path.
+// readTail reads up to n bytes from the end of the file at path. Like
+// Open, it refuses anything that is not a regular file without blocking on
+// it.
 func readTail(path string, n int) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	f, err := openRegular(path, unix.O_RDONLY)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
-	if errors.Is(err, unix.ELOOP) {
-		return nil, fmt.Errorf("console log %s %w", path, ErrSymlink)
-	}
 	if err != nil {
-		return nil, fmt.Errorf("read console log: %w", err)
+		return nil, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("read console log: %w", err)
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("read console log %s: not a regular file", path)
 	}
 	off := max(0, fi.Size()-int64(n))
 	b := make([]byte, fi.Size()-off)

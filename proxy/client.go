@@ -46,8 +46,8 @@ type client struct {
 
 	// Totals, atomic so that they can be reported while the client runs.
 	bytesOut  atomic.Uint64
-	bytesIn   atomic.Uint64 // input sent to the upstream
-	discarded atomic.Uint64 // input not sent: read-only, or upstream down
+	bytesIn   atomic.Uint64 // input written to the upstream
+	discarded atomic.Uint64 // input not sent: read-only, upstream down, or its queue full
 }
 
 // close ends both of the client's goroutines. Safe to call more than once
@@ -114,8 +114,12 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 	cred := peerCred(conn)
 	// Access before capacity: a refused peer learns nothing about the
 	// proxy's load.
-	if !p.cfg.Access.Allows(cred) {
-		log.Warn("client refused: access denied", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+	access := p.cfg.Access
+	if readOnly && p.cfg.ReadOnlyAccess != nil {
+		access = p.cfg.ReadOnlyAccess
+	}
+	if !access.Allows(cred) {
+		p.deniedWarn.warn("socket", socket, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 		refuse(conn, noticeDenied)
 		return
 	}
@@ -127,7 +131,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 	}
 	if len(p.clients) >= p.cfg.MaxClients {
 		p.mu.Unlock()
-		log.Warn("client refused: too many clients", "max", p.cfg.MaxClients, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+		p.fullWarn.warn("socket", socket, "max", p.cfg.MaxClients, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 		refuse(conn, noticeTooMany(p.cfg.MaxClients))
 		return
 	}
@@ -246,13 +250,10 @@ func (c *client) readInput() {
 	for {
 		bp, n, err := c.read()
 		if n > 0 {
-			switch {
-			case c.readOnly:
+			if c.readOnly {
 				c.discarded.Add(uint64(n))
-			case c.p.writeInput((*bp)[:n]):
-				c.bytesIn.Add(uint64(n))
-			default:
-				c.discarded.Add(uint64(n))
+			} else {
+				c.p.queueInput((*bp)[:n], c) // counts what it discards
 			}
 		}
 		if bp != nil {

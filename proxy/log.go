@@ -20,6 +20,16 @@ func noticeNotLogged(n uint64, reason string) string {
 	return "console log: " + strconv.FormatUint(n, 10) + " bytes not logged (" + reason + ")"
 }
 
+// Unlogged is implemented by an error from the console log's Write that
+// reports a loss, not a failure: output the log had accepted earlier is
+// gone (logsink's LossError: its file was deleted from under it). Unlogged
+// returns how many console bytes were lost and why, for the loss notice.
+// Nothing failed: RunLog counts the bytes, writes the notice and the output
+// again at once, without a backoff.
+type Unlogged interface {
+	Unlogged() (n uint64, reason string)
+}
+
 // RunLog copies the console output to w (the console log) until ctx is
 // done, or until the proxy is shut down and w has received everything. The
 // log writer is a reader of the ring like any client: it begins after the
@@ -27,8 +37,9 @@ func noticeNotLogged(n uint64, reason string) string {
 // falls behind on its own, never holding up the upstream. A failed write is
 // retried with backoff; bytes that the ring overwrote meanwhile, or that the
 // writer fell a ring behind on, are counted and marked in the log with a
-// notice once writing resumes. Call RunLog at most once per Proxy; w must
-// not return n < len(p) without an error.
+// notice once writing resumes. A Write error that is an Unlogged adds its
+// bytes to that notice and is not retried as a failure. Call RunLog at most
+// once per Proxy; w must not return n < len(p) without an error.
 func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 	r := p.logReader
 	log := p.log.Named("console-log")
@@ -39,6 +50,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 	buf := make([]byte, logReadSize)
 	var (
 		lost       uint64 // bytes not logged since the last notice
+		lostReason string // why, when w said (Unlogged)
 		lastErr    error  // why writes are failing, if they are
 		lastWarned time.Time
 		delay           = minBackoff
@@ -63,14 +75,19 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 		chunk := buf[:n]
 		var err error
 		if lost > 0 {
+			// The writer's own account of a loss names its cause; a
+			// failure's text explains the bytes the ring overwrote
+			// meanwhile.
 			reason := "fell behind"
-			if lastErr != nil {
+			if lostReason != "" {
+				reason = lostReason
+			} else if lastErr != nil {
 				reason = errorText(lastErr)
 			}
 			_, err = w.Write(notice(noticeNotLogged(lost, reason), last == '\n'))
 			if err == nil {
 				log.Info("console log resumed", "bytes_not_logged", lost)
-				lost, last = 0, '\n'
+				lost, lostReason, last = 0, "", '\n'
 			}
 		}
 		var written int
@@ -85,6 +102,16 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 		p.mu.Unlock()
 		if err == nil {
 			lastErr, delay = nil, minBackoff
+			continue
+		}
+		var u Unlogged
+		if errors.As(err, &u) {
+			unlogged, reason := u.Unlogged()
+			if unlogged > 0 {
+				lost += unlogged
+				lostReason = reason
+			}
+			log.Warn("console log lost output it had written", "bytes_not_logged", unlogged, "error", err)
 			continue
 		}
 		if lastErr == nil || time.Since(lastWarned) >= logErrorInterval {

@@ -11,17 +11,31 @@ import (
 )
 
 // memLog is a console log in memory that fails every write with ENOSPC
-// while full is set, as a full disk does.
+// while full is set, as a full disk does, and whose next write reports a
+// loss when lose is set, as logsink's does after its file was deleted.
 type memLog struct {
 	mu       sync.Mutex
 	buf      bytes.Buffer
 	full     bool
+	lose     uint64
 	failures int
 }
+
+// lossError is a Write error that reports output the log had accepted
+// earlier and lost since, as logsink's does.
+type lossError struct{ n uint64 }
+
+func (e lossError) Error() string              { return "console.log: file was deleted; created it again" }
+func (e lossError) Unlogged() (uint64, string) { return e.n, "log file deleted" }
 
 func (m *memLog) Write(p []byte) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.lose > 0 {
+		n := m.lose
+		m.lose = 0
+		return 0, lossError{n}
+	}
 	if m.full {
 		m.failures++
 		return 0, &os.PathError{Op: "write", Path: "console.log", Err: syscall.ENOSPC}
@@ -33,6 +47,12 @@ func (m *memLog) setFull(full bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.full = full
+}
+
+func (m *memLog) setLose(n uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.lose = n
 }
 
 func (m *memLog) snapshot() ([]byte, int) {
@@ -148,5 +168,24 @@ func TestShutdownFlushesTheLog(t *testing.T) {
 	}
 	if got, _ := w.snapshot(); !bytes.Equal(got, append(bytes.Clone(connectedNotice), out...)) {
 		t.Errorf("log holds %d bytes after shutdown, want %d", len(got), len(connectedNotice)+len(out))
+	}
+}
+
+// A log that lost output it had accepted (its file deleted from under it)
+// says so through its Write error; the loss notice goes before the next
+// output, which is written at once, not after a backoff.
+func TestLogLossReportedByTheWriterGetsTheNotice(t *testing.T) {
+	checkLeaks(t)
+	p, vmm := startPair(t, Config{})
+	w := &memLog{}
+	runLog(t, p, w)
+	feed(t, p, vmm, []byte("first\n"))
+	waitFor(t, "the log to catch up", func() bool { b, _ := w.snapshot(); return bytes.HasSuffix(b, []byte("first\n")) })
+	w.setLose(1234)
+	feed(t, p, vmm, []byte("second\n"))
+	waitFor(t, "the log to resume", func() bool { b, _ := w.snapshot(); return bytes.HasSuffix(b, []byte("second\n")) })
+	want := string(connectedNotice) + "first\n[consoleproxy] console log: 1234 bytes not logged (log file deleted)\r\nsecond\n"
+	if got, failures := w.snapshot(); string(got) != want || failures != 0 {
+		t.Errorf("log = %q (%d failures), want %q", got, failures, want)
 	}
 }

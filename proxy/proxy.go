@@ -16,8 +16,10 @@
 // for that viewer.
 //
 // Input from read-write clients is written to the upstream one read at a
-// time, whole and untranslated. Input that arrives while the upstream is down
-// is discarded and counted.
+// time, whole and untranslated, by one writer per upstream connection, so a
+// VMM that stops reading delays input and nothing else. Input that arrives
+// while the upstream is down, or while a VMM that does not read has a full
+// queue, is discarded and counted.
 //
 // As a library, a program runs a console proxy in-process: New, then
 // RunUpstream in a goroutine; then any of Serve (a Unix socket for socat and
@@ -104,6 +106,10 @@ type Config struct {
 	MaxClients int
 	// Access, when not nil, limits who may connect to served sockets.
 	Access *Access
+	// ReadOnlyAccess, when not nil, limits who may connect to sockets
+	// served with ServeReadOnly instead of Access. It cannot widen Access
+	// for the read-write sockets.
+	ReadOnlyAccess *Access
 	// DisableNotices keeps the upstream and drop notices out of the stream.
 	// Refusal notices are always sent.
 	DisableNotices bool
@@ -125,6 +131,11 @@ type Proxy struct {
 	cfg       Config
 	log       hclog.Logger
 	clientLog hclog.Logger
+	upLog     hclog.Logger
+
+	// Repeated warnings, rate-limited: a peer connecting in a loop must
+	// not flood the daemon log.
+	deniedWarn, fullWarn, takeoverWarn, vmmDeniedWarn *warnLimiter
 
 	// mu guards the ring and every Reader's cursor and state, plus the
 	// fields below it. It is held only for memory copies, never for I/O.
@@ -149,12 +160,17 @@ type Proxy struct {
 	upstreamBytes    uint64
 	upstreamConnects uint64
 
-	// inputMu serialises input writes, so each client read reaches the
-	// upstream whole. It is held across the write, which may block on a VMM
-	// that does not read: that delays input only, never output.
-	inputMu   sync.Mutex
-	upstream  io.Writer // nil while the upstream is down
-	discarded uint64    // input discarded since the upstream was last up
+	// inputMu guards the input on its way to the upstream (see input.go).
+	// It is never held across a write: one goroutine per connection writes
+	// the queued chunks, so a VMM that does not read holds up no one else.
+	inputMu       sync.Mutex
+	upstream      io.Writer     // nil while the upstream is down
+	inputQueue    []inputChunk  // oldest first
+	inputQueued   int           // bytes in inputQueue
+	inputWake     chan struct{} // one slot: inputQueue grew
+	inputFull     bool          // the queue overflowed; logged once
+	discardedFull uint64        // input discarded since the queue overflowed
+	discardedDown uint64        // input discarded since the upstream was last up
 
 	clientsDone sync.WaitGroup
 }
@@ -191,10 +207,17 @@ func New(cfg Config) (*Proxy, error) {
 		cfg:       cfg,
 		log:       log,
 		clientLog: log.Named("client"),
+		upLog:     log.Named("upstream").With("upstream", cfg.Upstream.String()),
+		inputWake: make(chan struct{}, 1),
 		ring:      ringbuf.New(cfg.BufferSize),
 		clients:   make(map[*client]struct{}),
 		listeners: make(map[net.Listener]struct{}),
 	}
+	p.deniedWarn = newWarnLimiter(p.clientLog, "client refused: access denied")
+	p.fullWarn = newWarnLimiter(p.clientLog, "client refused: too many clients")
+	p.takeoverWarn = newWarnLimiter(p.upLog, "upstream closed the connection right after accepting it while its socket still exists; "+
+		"another client probably connected to the VMM directly and took the console over; backing off")
+	p.vmmDeniedWarn = newWarnLimiter(p.upLog, "VMM connection refused: access denied")
 	p.ring.Write(cfg.Seed)
 	// The log writer starts after the seed, which came from the log, and
 	// before the restarted notice, which marks the restart in the log too.
@@ -322,6 +345,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		p.clientsDone.Wait()
 		close(done)
 	}()
+	defer p.stopWarnings()
 	select {
 	case <-done:
 		return err
@@ -345,7 +369,16 @@ func (p *Proxy) Close() error {
 	p.closeClients()
 	p.logReader.Close()
 	p.clientsDone.Wait()
+	p.stopWarnings()
 	return err
+}
+
+// stopWarnings logs what the rate-limited warnings held back and disarms
+// their timers.
+func (p *Proxy) stopWarnings() {
+	for _, l := range []*warnLimiter{p.deniedWarn, p.fullWarn, p.takeoverWarn, p.vmmDeniedWarn} {
+		l.stop()
+	}
 }
 
 func (p *Proxy) takeListenersLocked() []net.Listener {

@@ -242,7 +242,7 @@ func TestWaitsForUpstreamAndDiscardsInputMeanwhile(t *testing.T) {
 	waitFor(t, "the input to be discarded", func() bool {
 		p.inputMu.Lock()
 		defer p.inputMu.Unlock()
-		return p.discarded == uint64(len("typed while down\n"))
+		return p.discardedDown == uint64(len("typed while down\n"))
 	})
 	vmm := startVMM(t, filepath.Join(dir, "vmm.sock"))
 	waitFor(t, "the proxy to connect", func() bool { return vmm.Accepted() == 1 })

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -142,11 +143,27 @@ func (u *TCPUpstream) String() string { return "tcp:" + u.Address }
 // first closes, as QEMU's own server sockets do. Call Listen before
 // RunUpstream, so a path in the way fails the start; Close removes the
 // socket.
+//
+// Whoever connects is the VMM: it sees what clients type (passwords
+// included) and writes what they read. So Access, when set, is checked as
+// for client sockets, and the proxy's own uid is allowed besides root.
 type ListenUpstream struct {
 	Path   string
 	Socket SocketOptions
+	Access *Access
 
 	ln *SocketListener
+}
+
+// DeniedError is returned by ListenUpstream.Dial for a peer that Access
+// refused; the connection was closed. RunUpstream logs it and accepts the
+// next one at once.
+type DeniedError struct {
+	Cred unix.Ucred
+}
+
+func (e *DeniedError) Error() string {
+	return fmt.Sprintf("VMM connection refused: access denied (pid %d, uid %d, gid %d)", e.Cred.Pid, e.Cred.Uid, e.Cred.Gid)
 }
 
 // Listen creates the socket, with the same rules as client sockets.
@@ -167,10 +184,21 @@ func (u *ListenUpstream) Dial(ctx context.Context) (io.ReadWriteCloser, error) {
 	stop := context.AfterFunc(ctx, func() { u.ln.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	conn, err := u.ln.Accept()
-	if err != nil && ctx.Err() != nil {
-		return nil, ctx.Err()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, err
 	}
-	return conn, err
+	if cred := peerCred(conn); !u.allows(cred) {
+		conn.Close()
+		return nil, &DeniedError{Cred: cred}
+	}
+	return conn, nil
+}
+
+func (u *ListenUpstream) allows(cred unix.Ucred) bool {
+	return u.Access == nil || cred.Uid == uint32(os.Getuid()) || u.Access.Allows(cred)
 }
 
 // Close stops listening and removes the socket if it is still ours.
@@ -226,7 +254,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	if c, ok := up.(io.Closer); ok {
 		defer c.Close()
 	}
-	log := p.log.Named("upstream").With("upstream", up.String())
+	log := p.upLog
 	buf := make([]byte, upstreamReadSize)
 	var watch *pathWatch // nil for upstreams that are not at a path
 	if w, ok := up.(pathWatcher); ok {
@@ -243,6 +271,12 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				conn.Close()
 			}
 			return nil
+		}
+		if denied := (*DeniedError)(nil); errors.As(err, &denied) {
+			// Not the VMM: the real one may be next in the backlog, so
+			// accept again at once.
+			p.vmmDeniedWarn.warn("pid", denied.Cred.Pid, "uid", denied.Cred.Uid, "gid", denied.Cred.Gid)
+			continue
 		}
 		if err != nil {
 			// The first failure of a run is worth an operator's attention
@@ -277,9 +311,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 				delay = minBackoff
 			}
 			if w, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" && statPath(w.watchPath()).exists {
-				log.Warn("upstream closed the connection right after accepting it while its socket still exists; "+
-					"another client probably connected to the VMM directly and took the console over; backing off",
-					"uptime", uptime.Round(time.Millisecond))
+				p.takeoverWarn.warn("uptime", uptime.Round(time.Millisecond))
 				delay = max(delay, takeoverBackoff)
 			}
 		}
@@ -339,14 +371,23 @@ func (p *Proxy) drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, 
 	p.mu.Unlock()
 	p.inputMu.Lock()
 	p.upstream = conn
-	discarded := p.discarded
-	p.discarded = 0
+	discarded := p.discardedDown
+	p.discardedDown = 0
 	p.inputMu.Unlock()
-	if discarded > 0 {
-		log.Info("upstream connected", "input_discarded_while_down", discarded)
-	} else {
-		log.Info("upstream connected")
+	stopInput := make(chan struct{})
+	var input sync.WaitGroup
+	input.Go(func() { p.writeInputTo(conn, stopInput) })
+
+	args := []any{}
+	if uc, ok := conn.(*net.UnixConn); ok {
+		// Whoever this is gets the console's keystrokes: say who.
+		cred := peerCred(uc)
+		args = append(args, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 	}
+	if discarded > 0 {
+		args = append(args, "input_discarded_while_down", discarded)
+	}
+	log.Info("upstream connected", args...)
 	p.appendNotice(noticeConnected)
 
 	var err error
@@ -360,12 +401,14 @@ func (p *Proxy) drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, 
 			break
 		}
 	}
-	// Close before taking inputMu: an input write blocked on a VMM that does
-	// not read holds inputMu, and closing is what unblocks it.
+	// Closing ends an input write blocked on a VMM that does not read.
 	conn.Close()
 	p.inputMu.Lock()
 	p.upstream = nil
 	p.inputMu.Unlock()
+	close(stopInput)
+	input.Wait()
+	p.dropQueuedInput()
 	return lostReason(err)
 }
 
@@ -380,35 +423,4 @@ func lostReason(err error) string {
 		return sys.Err.Error()
 	}
 	return err.Error()
-}
-
-// ErrUpstreamDown is returned by WriteInput while the upstream is not
-// connected. The input is discarded, as a client's would be.
-var ErrUpstreamDown = errors.New("upstream not connected")
-
-// WriteInput sends b to the VMM as one write, never interleaved with a
-// client's input, as if a read-write client had typed it. It blocks while a
-// VMM does not read its input (output keeps flowing meanwhile). It returns
-// ErrUpstreamDown, discarding b, while the upstream is not connected.
-func (p *Proxy) WriteInput(b []byte) error {
-	if !p.writeInput(b) {
-		return ErrUpstreamDown
-	}
-	return nil
-}
-
-// writeInput writes one client read to the upstream, whole. It reports
-// whether the bytes were sent; while the upstream is down they are counted
-// as discarded.
-func (p *Proxy) writeInput(b []byte) bool {
-	p.inputMu.Lock()
-	defer p.inputMu.Unlock()
-	if p.upstream != nil {
-		if _, err := p.upstream.Write(b); err == nil {
-			return true
-		}
-		// The read side sees the same failure and reports the loss.
-	}
-	p.discarded += uint64(len(b))
-	return false
 }

@@ -39,11 +39,14 @@ type options struct {
 	replay           proxy.ReplaySize
 	slowClient       proxy.SlowClientPolicy
 	maxClients       int
-	socket           proxy.SocketOptions
+	socket           proxy.SocketOptions // the read-write socket and a listen: upstream
+	roSocket         proxy.SocketOptions // the read-only socket
 	notices          bool
 	exitWithUpstream bool
 	allowUIDs        []string // names or ids, resolved at start
 	allowGIDs        []string
+	roAllowUIDs      []string // the read-only socket's; default: the above
+	roAllowGIDs      []string
 	consoleLog       string
 	logOptions       logsink.Options
 	logLevel         hclog.Level
@@ -85,7 +88,16 @@ Client sockets:
   --allow-gid LIST         comma list of groups (names or gids) allowed to connect;
                            with either, a client whose uid or primary gid (from the
                            kernel, SO_PEERCRED) matches neither is refused; root always
-                           may. Without both, the socket mode alone decides.
+                           may. Without both, the socket mode alone decides. They
+                           also apply to a listen: upstream, where the proxy's own
+                           user may connect too: whoever connects there is the VMM.
+  --ro-socket-mode MODE, --ro-socket-group GROUP,
+  --ro-allow-uid LIST, --ro-allow-gid LIST
+                           the same for the --listen-ro socket alone; each defaults
+                           to its read-write counterpart. Viewers' rules never widen
+                           the read-write socket's: for example operators get
+                           --socket-mode 0600, viewers --ro-socket-mode 0660
+                           --ro-socket-group viewers.
 
 History and slow clients:
   --buffer-size SIZE       history kept in memory, 4KiB to 1GiB (default 1MiB)
@@ -140,6 +152,10 @@ func parseArgs(args []string) (*options, error) {
 		logFormat  = fs.String("log-format", "text", "")
 		allowUID   = fs.String("allow-uid", "", "")
 		allowGID   = fs.String("allow-gid", "", "")
+		roMode     = fs.String("ro-socket-mode", "", "")
+		roGroup    = fs.String("ro-socket-group", "", "")
+		roAllowUID = fs.String("ro-allow-uid", "", "")
+		roAllowGID = fs.String("ro-allow-gid", "", "")
 		logMaxSize = fs.String("console-log-max-size", "16MiB", "")
 		logFiles   = fs.String("console-log-max-files", "5", "")
 		o          = &options{}
@@ -223,18 +239,52 @@ func parseArgs(args []string) (*options, error) {
 	if o.socket.Mode, err = parseMode(*socketMode); err != nil {
 		return nil, usagef("--socket-mode: %v", err)
 	}
+	// Each --ro-* flag defaults to its read-write counterpart, so a command
+	// line without them means what it always meant.
+	o.roSocket = o.socket
+	if isSet(fs, "ro-socket-mode") {
+		if o.roSocket.Mode, err = parseMode(*roMode); err != nil {
+			return nil, usagef("--ro-socket-mode: %v", err)
+		}
+	}
+	if isSet(fs, "ro-socket-group") {
+		if *roGroup == "" {
+			return nil, usagef("--ro-socket-group: empty group")
+		}
+		o.roSocket.Group = *roGroup
+	}
 	if o.logLevel = hclog.LevelFromString(*logLevel); o.logLevel == hclog.NoLevel || o.logLevel == hclog.Off {
 		return nil, usagef("--log-level: %q is not trace, debug, info, warn or error", *logLevel)
 	}
 	for _, a := range []struct {
 		flag, list string
 		ids        *[]string
-	}{{"--allow-uid", *allowUID, &o.allowUIDs}, {"--allow-gid", *allowGID, &o.allowGIDs}} {
-		if a.list == "" {
+	}{
+		{"--allow-uid", *allowUID, &o.allowUIDs}, {"--allow-gid", *allowGID, &o.allowGIDs},
+		{"--ro-allow-uid", *roAllowUID, &o.roAllowUIDs}, {"--ro-allow-gid", *roAllowGID, &o.roAllowGIDs},
+	} {
+		if !isSet(fs, strings.TrimPrefix(a.flag, "--")) {
 			continue
 		}
 		if *a.ids, err = proxy.SplitIDList(a.list); err != nil {
 			return nil, usagef("%s: %v", a.flag, err)
+		}
+	}
+	if !isSet(fs, "ro-allow-uid") {
+		o.roAllowUIDs = o.allowUIDs
+	}
+	if !isSet(fs, "ro-allow-gid") {
+		o.roAllowGIDs = o.allowGIDs
+	}
+	if o.listenRO == "" {
+		var orphan string
+		fs.Visit(func(f *flag.Flag) {
+			if strings.HasPrefix(f.Name, "ro-") {
+				orphan = f.Name
+			}
+		})
+		if orphan != "" {
+			return nil, usagef("--%s needs --listen-ro", orphan)
 		}
 	}
 	if o.consoleLog == "" {
@@ -262,6 +312,13 @@ func parseArgs(args []string) (*options, error) {
 		return nil, usagef("--log-format: %q is not text or json", *logFormat)
 	}
 	return o, nil
+}
+
+// isSet reports whether the flag was given on the command line.
+func isSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // parseMode parses an octal permission mode, 0001 to 0777: no setuid,

@@ -35,14 +35,43 @@ func main() {
 	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// signals are the ones the daemon handles, registered before anything that
+// can take time: the default action of each kills the process, and a
+// SIGHUP from logrotate or a SIGTERM from a supervisor may come at any
+// moment, start-up included.
+type signals struct {
+	term, hup, usr1 chan os.Signal
+}
+
+func notifySignals() *signals {
+	s := &signals{term: make(chan os.Signal, 1), hup: make(chan os.Signal, 1), usr1: make(chan os.Signal, 1)}
+	signal.Notify(s.term, os.Interrupt, syscall.SIGTERM)
+	signal.Notify(s.hup, syscall.SIGHUP)
+	signal.Notify(s.usr1, syscall.SIGUSR1)
+	// A reader of stderr that goes away (consoleproxy ... 2>&1 | head)
+	// must not kill the console: writes then fail with EPIPE, which the
+	// daemon log copes with.
+	signal.Ignore(syscall.SIGPIPE)
+	return s
+}
+
+func (s *signals) stop() {
+	signal.Stop(s.term)
+	signal.Stop(s.hup)
+	signal.Stop(s.usr1)
+}
+
 // runMain runs the daemon, or the attach client when args start with
 // "attach", and returns its exit status: 0 for a clean stop, 1 for a
 // runtime failure, 2 for a usage error.
 func runMain(args []string, stdout, stderr io.Writer) int {
-	// The client shares the binary, so it is wherever the daemon is.
+	// The client shares the binary, so it is wherever the daemon is. It
+	// handles signals of its own, so it goes before the daemon's.
 	if len(args) > 0 && args[0] == "attach" {
 		return runAttach(args[1:], os.Stdin, stdout, stderr)
 	}
+	sigs := notifySignals()
+	defer sigs.stop()
 	o, err := parseArgs(args)
 	if err != nil {
 		fmt.Fprintf(stderr, "consoleproxy: %v (see consoleproxy --help)\n", err)
@@ -56,13 +85,16 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, "consoleproxy", versionString())
 		return 0
 	}
+	logOut := newLineQueue(stderr)
+	defer logOut.Close()
 	log := hclog.New(&hclog.LoggerOptions{
 		Name:       "consoleproxy",
 		Level:      o.logLevel,
 		JSONFormat: o.logJSON,
-		Output:     stderr,
+		Output:     logOut,
 	})
-	if err := serve(o, log); err != nil {
+	logOut.log = log
+	if err := serve(o, log, sigs); err != nil {
 		log.Error("failed", "error", err)
 		return 1
 	}
@@ -71,21 +103,11 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 
 // serve binds everything, runs the proxy until a signal or the upstream's
 // end, and shuts it down in order.
-func serve(o *options, log hclog.Logger) error {
-	// Signals are registered before anything else: their default action
-	// kills the daemon, and a SIGTERM that arrives during start-up must be a
-	// clean stop once the group runs (run.SignalHandler would register only
-	// when its actor starts, after the sockets are up). logrotate may send
-	// SIGHUP at any moment.
-	term := make(chan os.Signal, 1)
-	signal.Notify(term, os.Interrupt, syscall.SIGTERM)
-	defer signal.Stop(term)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+//
+// The signals were registered by the caller (see notifySignals), so a
+// SIGTERM during start-up is a clean stop once the group runs.
+func serve(o *options, log hclog.Logger, sigs *signals) error {
+	term, hup, usr1 := sigs.term, sigs.hup, sigs.usr1
 	started := time.Now()
 
 	var (
@@ -107,7 +129,11 @@ func serve(o *options, log hclog.Logger) error {
 			}
 		}()
 	}
-	access, err := resolveAccess(o)
+	access, err := resolveAccess("--allow-uid", o.allowUIDs, "--allow-gid", o.allowGIDs)
+	if err != nil {
+		return err
+	}
+	roAccess, err := resolveAccess("--ro-allow-uid", o.roAllowUIDs, "--ro-allow-gid", o.roAllowGIDs)
 	if err != nil {
 		return err
 	}
@@ -118,6 +144,7 @@ func serve(o *options, log hclog.Logger) error {
 		SlowClient:       o.slowClient,
 		MaxClients:       o.maxClients,
 		Access:           access,
+		ReadOnlyAccess:   roAccess,
 		DisableNotices:   !o.notices,
 		ExitWithUpstream: o.exitWithUpstream,
 		Seed:             seed,
@@ -130,6 +157,7 @@ func serve(o *options, log hclog.Logger) error {
 	// instead of a running daemon. RunUpstream closes the listen: socket.
 	if lu, ok := o.upstream.(*proxy.ListenUpstream); ok {
 		lu.Socket = o.socket
+		lu.Access = access
 		if err := lu.Listen(); err != nil {
 			return fmt.Errorf("--upstream: %w", err)
 		}
@@ -141,7 +169,7 @@ func serve(o *options, log hclog.Logger) error {
 	}
 	var lnRO *proxy.SocketListener
 	if o.listenRO != "" {
-		if lnRO, err = proxy.Listen(o.listenRO, o.socket); err != nil {
+		if lnRO, err = proxy.Listen(o.listenRO, o.roSocket); err != nil {
 			ln.Close()
 			closeUpstream(o.upstream)
 			return fmt.Errorf("--listen-ro: %w", err)
@@ -225,10 +253,14 @@ func serve(o *options, log hclog.Logger) error {
 	}
 
 	if clog != nil {
-		// Console log: stopped after the clients, so it receives everything
-		// the upstream produced; it gets logDrainTimeout to write it out (a
-		// failing disk must not hold the stop forever).
-		logCtx, logCancel := context.WithCancel(ctx)
+		// Console log: stopped last, so it receives everything the upstream
+		// produced, the VM's last words and the lost notice included; it
+		// gets logDrainTimeout to write it out (a failing disk must not hold
+		// the stop forever). Its context is not the group's: the first
+		// interrupt cancels that one, and the log would stop before it had
+		// caught up. It ends on its own once Shutdown has begun and it has
+		// written everything.
+		logCtx, logCancel := context.WithCancel(context.Background())
 		logDone := make(chan struct{})
 		g.Add(func() error {
 			defer close(logDone)
@@ -270,19 +302,20 @@ type stopSignal struct{ os.Signal }
 
 func (s stopSignal) Error() string { return "received " + s.String() }
 
-// resolveAccess looks up the --allow-uid and --allow-gid names. Names that
-// do not exist are found on the system, so they are runtime failures.
-func resolveAccess(o *options) (*proxy.Access, error) {
-	if o.allowUIDs == nil && o.allowGIDs == nil {
+// resolveAccess looks up the names of an allow-uid and allow-gid pair of
+// flags; nil lists mean no such rule. Names that do not exist are found on
+// the system, so they are runtime failures.
+func resolveAccess(uidFlag string, uids []string, gidFlag string, gids []string) (*proxy.Access, error) {
+	if uids == nil && gids == nil {
 		return nil, nil
 	}
 	var a proxy.Access
 	var err error
-	if a.UIDs, err = proxy.LookupUIDs(o.allowUIDs); err != nil {
-		return nil, fmt.Errorf("--allow-uid: %w", err)
+	if a.UIDs, err = proxy.LookupUIDs(uids); err != nil {
+		return nil, fmt.Errorf("%s: %w", uidFlag, err)
 	}
-	if a.GIDs, err = proxy.LookupGIDs(o.allowGIDs); err != nil {
-		return nil, fmt.Errorf("--allow-gid: %w", err)
+	if a.GIDs, err = proxy.LookupGIDs(gids); err != nil {
+		return nil, fmt.Errorf("%s: %w", gidFlag, err)
 	}
 	return &a, nil
 }
