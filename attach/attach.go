@@ -390,7 +390,7 @@ func (s *session) copyOutput(activity chan<- struct{}) copyResult {
 			}
 			s.remember(chunk)
 			if _, err := s.o.Stdout.Write(chunk); err != nil {
-				return copyResult{outputFailed, fmt.Errorf("write standard output: %w", err)}
+				return copyResult{outputFailed, fmt.Errorf("standard output: %w", err)}
 			}
 			if matched {
 				return copyResult{outcome: outputMatched}
@@ -459,7 +459,7 @@ func (s *session) copyInput(in io.Reader, escape int) copyResult {
 		case errors.Is(err, os.ErrClosed):
 			return copyResult{outcome: copyInterrupted}
 		default:
-			return copyResult{inputFailed, fmt.Errorf("read standard input: %w", err)}
+			return copyResult{inputFailed, fmt.Errorf("standard input: %w", err)}
 		}
 	}
 }

@@ -207,6 +207,34 @@ func TestAttachRestoresTerminal(t *testing.T) {
 	}
 }
 
+// TestAttachWriteErrorRestoresTerminal: output that cannot be written
+// (standard output is a pipe nobody reads, as in attach | head after head
+// left) ends attach with the reason, not a SIGPIPE death in raw mode.
+func TestAttachWriteErrorRestoresTerminal(t *testing.T) {
+	sock, _, v := startProxyIn(t, t.TempDir(), "--replay", "none")
+	term := openTerminal(t)
+	before := term.settings(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	p := StartWith(t, func(p *Proc) {
+		p.Cmd.Stdin, p.Cmd.Stdout, p.Cmd.Stderr = term.tty, w, term.tty
+		p.Cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	}, nil, binary, "attach", sock)
+	w.Close()
+	term.waitScreen(t, "consoleproxy attach: attached to "+sock)
+	v.write(t, []byte("output nobody reads\r\n"))
+	if code := p.Wait(t); code != 1 {
+		t.Fatalf("exit %d, want 1; screen: %q", code, term.screen.String())
+	}
+	if after := term.settings(t); after != before {
+		t.Fatalf("terminal settings afterwards differ:\nbefore %+v\nafter  %+v", before, after)
+	}
+	term.waitScreen(t, "consoleproxy attach: standard output: write /dev/stdout: broken pipe\r\n")
+}
+
 // attachScript runs consoleproxy attach without a terminal.
 func attachScript(t *testing.T, stdin string, args ...string) *Proc {
 	t.Helper()

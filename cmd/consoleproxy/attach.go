@@ -77,7 +77,8 @@ type attachArgs struct {
 }
 
 // runAttach runs the attach subcommand and returns its exit status.
-// SIGINT, SIGTERM and SIGHUP end the session through its context, so the
+// SIGINT, SIGTERM and SIGHUP end the session through its context, and
+// SIGPIPE is ignored so a broken standard output is a write error, so the
 // terminal is restored before the process exits.
 func runAttach(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	a, err := parseAttachArgs(args)
@@ -94,6 +95,10 @@ func runAttach(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+	// Output that cannot be written (attach | head, once head has left)
+	// must end the session through Run, which restores the terminal, not
+	// kill the process with the terminal still raw.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	// Turns the first signal into the session's end; it ends with the
