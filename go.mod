@@ -7,6 +7,7 @@ require (
 	github.com/oklog/run v1.2.0
 	go.uber.org/goleak v1.3.0
 	golang.org/x/sys v0.49.0
+	golang.org/x/term v0.47.0
 )
 
 require (

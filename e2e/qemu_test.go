@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -194,4 +195,42 @@ func TestQEMUGuestOverAPTY(t *testing.T) {
 	cmd, answer = sum()
 	a.conn.Write([]byte(cmd))
 	a.waitFor(answer, 1, 60*time.Second)
+}
+
+// guestPrompt is the guest shell's prompt after its banner: busybox sh as
+// root in / prints "/ # ".
+var guestPrompt = `(?s)` + banner + `.*# `
+
+// TestQEMUGuestWithAttach boots the guest behind the proxy as a user
+// would use it: `consoleproxy attach --until` waits for the shell's
+// prompt, then attach in a terminal runs a command in the guest and
+// detaches.
+func TestQEMUGuestWithAttach(t *testing.T) {
+	guest(t)
+	dir := t.TempDir()
+	serial, sock := filepath.Join(dir, "serial.sock"), filepath.Join(dir, "console.sock")
+	Start(t, nil, binary, "--upstream", "unix:"+serial, "--listen", sock)
+	WaitFor(t, "the client socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	startQEMU(t, "-chardev", "socket,id=s0,path="+serial+",server=on,wait=off", "-serial", "chardev:s0")
+
+	wait := Start(t, nil, binary, "attach", "--read-only", "--until", guestPrompt, "--timeout", bootTimeout.String(), sock)
+	if code := wait.Wait(t); code != 0 {
+		t.Fatalf("attach --until the prompt: exit %d: %s", code, wait.Stderr)
+	}
+	if out := wait.Stdout.String(); !bootRE.MatchString(out) || !regexp.MustCompile(guestPrompt+`$`).MatchString(out) {
+		t.Fatalf("attach --until printed no boot, or did not stop at the prompt: %q", out[max(0, len(out)-500):])
+	}
+
+	term, p, before := attachInTerminal(t, sock)
+	cmd, answer := sum()
+	// Enter is CR on a raw terminal; the guest's tty turns it into LF.
+	term.typeKeys(t, strings.TrimSuffix(cmd, "\n")+"\r")
+	WaitFor(t, "the guest's answer on the screen", func() bool { return answer.MatchString(term.screen.String()) })
+	term.typeKeys(t, "\x1d")
+	if code := p.Wait(t); code != 0 {
+		t.Fatalf("exit %d after the escape; screen: %q", code, term.screen.String())
+	}
+	if after := term.settings(t); after != before {
+		t.Errorf("terminal settings after the escape differ:\nbefore %+v\nafter  %+v", before, after)
+	}
 }

@@ -56,6 +56,7 @@ type options struct {
 }
 
 const usageText = `Usage: consoleproxy --upstream SPEC --listen PATH [flags]
+       consoleproxy attach [flags] SOCKET   a console client (see consoleproxy attach --help)
 
 consoleproxy owns a virtual machine's serial console socket, which the VMM
 serves to one client at a time, and re-exports it to many clients at once.
@@ -127,6 +128,7 @@ SIZE is a number with an optional binary unit: B, K/KiB, M/MiB, G/GiB.
 
 Examples:
   consoleproxy --upstream unix:/run/vm1/serial.sock --listen /run/vm1/console.sock
+  consoleproxy attach /run/vm1/console.sock       (Ctrl-] detaches)
   socat -,raw,echo=0 UNIX-CONNECT:/run/vm1/console.sock
   nc -U /run/vm1/console.sock
 

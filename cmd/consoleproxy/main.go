@@ -61,9 +61,15 @@ func (s *signals) stop() {
 	signal.Stop(s.usr1)
 }
 
-// runMain runs the daemon and returns its exit status: 0 for a clean stop, 1
-// for a runtime failure, 2 for a usage error.
+// runMain runs the daemon, or the attach client when args start with
+// "attach", and returns its exit status: 0 for a clean stop, 1 for a
+// runtime failure, 2 for a usage error.
 func runMain(args []string, stdout, stderr io.Writer) int {
+	// The client shares the binary, so it is wherever the daemon is. It
+	// handles signals of its own, so it goes before the daemon's.
+	if len(args) > 0 && args[0] == "attach" {
+		return runAttach(args[1:], os.Stdin, stdout, stderr)
+	}
 	sigs := notifySignals()
 	defer sigs.stop()
 	o, err := parseArgs(args)

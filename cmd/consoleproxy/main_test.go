@@ -282,3 +282,60 @@ func TestRuntimeFailuresExit1(t *testing.T) {
 		t.Errorf("the file in the way was changed: %q, %v", b, err)
 	}
 }
+
+func TestAttachUsageErrors(t *testing.T) {
+	long := "/tmp/" + strings.Repeat("x", 110)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach"}, "missing SOCKET"},
+		{[]string{"attach", "--status", "/run/status.sock"}, "missing NAME"},
+		{[]string{"attach", "a.sock", "b.sock"}, `unexpected argument "b.sock"`},
+		{[]string{"attach", "--bogus", "a.sock"}, "provided but not defined: -bogus"},
+		{[]string{"attach", "a.sock", "--bogus"}, "provided but not defined: -bogus"},
+		{[]string{"attach", long}, "longer than the system limit"},
+		{[]string{"attach", "--status", long, "vm1"}, "--status: socket path"},
+		{[]string{"attach", "--escape", "^@", "a.sock"}, "--escape: \"^@\" is NUL"},
+		{[]string{"attach", "--escape", "ctrl-x", "a.sock"}, "--escape"},
+		{[]string{"attach", "--until", "(", "a.sock"}, "--until: error parsing regexp"},
+		{[]string{"attach", "--timeout", "0", "a.sock"}, "--timeout"},
+		{[]string{"attach", "--timeout", "soon", "a.sock"}, "--timeout"},
+		{[]string{"attach", "--linger", "-1s", "a.sock"}, "--linger"},
+		{[]string{"attach", "--read-only=maybe", "a.sock"}, "invalid boolean"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := runMain(tc.args, &stdout, &stderr)
+		msg := stderr.String()
+		if code != 2 || !strings.HasPrefix(msg, "consoleproxy attach: ") || !strings.Contains(msg, tc.want) ||
+			!strings.HasSuffix(msg, " (see consoleproxy attach --help)\n") || strings.Count(msg, "\n") != 1 || stdout.Len() != 0 {
+			t.Errorf("%q: exit %d, stderr %q; want exit 2 and one line containing %q", tc.args, code, msg, tc.want)
+		}
+	}
+}
+
+func TestAttachHelp(t *testing.T) {
+	for _, arg := range []string{"--help", "-h"} {
+		var stdout, stderr bytes.Buffer
+		if code := runMain([]string{"attach", arg}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "Examples:") || stderr.Len() != 0 {
+			t.Errorf("attach %s: exit %d, stdout %q", arg, code, stdout.String())
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	if runMain([]string{"--help"}, &stdout, &stderr); !strings.Contains(stdout.String(), "consoleproxy attach") {
+		t.Error("the main --help does not mention consoleproxy attach")
+	}
+}
+
+// TestAttachFlagsAnywhere: flags after the socket count, and "--" ends
+// them.
+func TestAttachFlagsAnywhere(t *testing.T) {
+	a, err := parseAttachArgs([]string{"/run/vm1/console.sock", "--read-only", "--escape", "^O"})
+	if err != nil || a.opts.Socket != "/run/vm1/console.sock" || !a.opts.ReadOnly || a.opts.Escape != 0x0f {
+		t.Errorf("flags after the socket: %+v, %v", a, err)
+	}
+	a, err = parseAttachArgs([]string{"--", "--read-only"})
+	if err != nil || a.opts.Socket != "--read-only" || a.opts.ReadOnly {
+		t.Errorf("after --: %+v, %v", a, err)
+	}
+}
