@@ -42,6 +42,7 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/ringbuf"
+	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -120,6 +121,10 @@ type Config struct {
 	// as the tail of a console log from before a restart. It should begin
 	// at a line start. A non-empty Seed is followed by the restarted notice.
 	Seed []byte
+	// Watcher is the process's shared inotify watcher, through which
+	// RunUpstream waits for a missing upstream path. Nil means a private
+	// one.
+	Watcher *watch.Watcher
 	// Logger receives the proxy's own diagnostics. Nil means none.
 	Logger hclog.Logger
 }

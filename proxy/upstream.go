@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -256,10 +257,15 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	}
 	log := p.upLog
 	buf := make([]byte, upstreamReadSize)
-	var watch *pathWatch // nil for upstreams that are not at a path
+	var pw *pathWatch // nil for upstreams that are not at a path
 	if w, ok := up.(pathWatcher); ok {
-		watch = newPathWatch(w.watchPath(), log)
-		defer watch.Close()
+		watcher := p.cfg.Watcher
+		if watcher == nil {
+			watcher = watch.New()
+			defer watcher.Close()
+		}
+		pw = newPathWatch(w.watchPath(), watcher, log)
+		defer pw.unhold()
 	}
 	delay := minBackoff
 	failures := 0
@@ -293,8 +299,8 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 			// meanwhile, and after a takeover that socket would look new.
 			before = pathOf(up)
 			failures = 0
-			if watch != nil {
-				watch.release()
+			if pw != nil {
+				pw.unhold()
 			}
 			connected := time.Now()
 			reason := p.drain(ctx, conn, buf, log)
@@ -318,7 +324,7 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 		// Wait before the next attempt. A path that changes (a VMM that
 		// comes back creates its socket anew) ends the wait at once; a
 		// takeover leaves the socket alone and waits the full delay.
-		changed := waitRetry(ctx, watch, delay, before)
+		changed := waitRetry(ctx, pw, delay, before)
 		if ctx.Err() != nil {
 			return nil
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -52,21 +53,24 @@ func armed(t *testing.T, w *pathWatch, dir string) {
 	}
 	want := fmt.Sprintf(" ino:%x ", st.Ino)
 	waitFor(t, "the watch on "+dir, func() bool {
-		info, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", w.fd))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(string(info), "\n") {
-			if strings.HasPrefix(line, "inotify wd:") && strings.Contains(line, want) {
-				return true
+		fds, _ := os.ReadDir("/proc/self/fd")
+		for _, fd := range fds {
+			if target, _ := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); target != "anon_inode:inotify" {
+				continue
+			}
+			info, _ := os.ReadFile("/proc/self/fdinfo/" + fd.Name())
+			for _, line := range strings.Split(string(info), "\n") {
+				if strings.HasPrefix(line, "inotify wd:") && strings.Contains(line, want) {
+					return true
+				}
 			}
 		}
 		return false
 	})
 }
 
-// The watch is kept across waits (closing an inotify instance costs a
-// kernel grace period per attach), so it must move between directories,
+// The instance is kept across waits (closing one costs a kernel grace
+// period per attach), so each wait's watch must move between directories,
 // survive its directory being replaced, and not be woken by events about
 // what happened before the wait began.
 func TestPathWatchAcrossWaits(t *testing.T) {
@@ -74,11 +78,11 @@ func TestPathWatchAcrossWaits(t *testing.T) {
 	base := t.TempDir()
 	dir := filepath.Join(base, "vm")
 	path := filepath.Join(dir, "vmm.sock")
-	w := newPathWatch(path, hclog.NewNullLogger())
-	defer w.Close()
-	// Opened here, not in the first wait, so that the test may read the
-	// descriptor while waits run.
-	if !w.open() {
+	watcher := watch.New()
+	defer watcher.Close()
+	w := newPathWatch(path, watcher, hclog.NewNullLogger())
+	defer w.unhold()
+	if !w.hold() {
 		t.Skip("inotify is unavailable")
 	}
 
