@@ -144,7 +144,7 @@ func startDaemon(t testing.TB, dir string, extra ...string) *daemon {
 	return d
 }
 
-var statsRE = regexp.MustCompile(`totals: .*goroutines=(\d+)`)
+var statsRE = regexp.MustCompile(`process: .*goroutines=(\d+)`)
 
 // stats asks the daemon for its SIGUSR1 report and returns its goroutines
 // and open descriptors.

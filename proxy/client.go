@@ -339,8 +339,12 @@ func pollHUP(fd uintptr) bool {
 	return err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
 }
 
-// peerCred returns the connecting process's credentials (SO_PEERCRED), or
-// -1s when the connection cannot say.
+// PeerCred returns the credentials of the process at the other end of a
+// Unix socket connection, as the kernel recorded them at connect
+// (SO_PEERCRED): pid -1 and uid and gid 2^32-1 when the connection cannot
+// say.
+func PeerCred(conn net.Conn) unix.Ucred { return peerCred(conn) }
+
 func peerCred(conn net.Conn) unix.Ucred {
 	cred := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
 	if raw, ok := rawConn(conn); ok {

@@ -68,7 +68,9 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 			}
 			return err
 		}
-		lost += r.catchUpLocked()
+		skipped := r.catchUpLocked()
+		lost += skipped
+		p.logNotLogged.Add(skipped)
 		n, _ := p.ring.ReadAt(buf, r.cursor)
 		p.mu.Unlock()
 
@@ -110,6 +112,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 			if unlogged > 0 {
 				lost += unlogged
 				lostReason = reason
+				p.logNotLogged.Add(unlogged)
 			}
 			log.Warn("console log lost output it had written", "bytes_not_logged", unlogged, "error", err)
 			continue

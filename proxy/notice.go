@@ -7,6 +7,7 @@ const (
 	noticeConnected = "upstream connected"
 	noticeRestarted = "restarted; history above is from the console log"
 	noticeDenied    = "access denied"
+	noticeRetired   = "console retired"
 	noticePrefix    = "[consoleproxy] "
 )
 

@@ -39,6 +39,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/ringbuf"
@@ -164,6 +165,7 @@ type Proxy struct {
 	totals           Stats
 	upstreamBytes    uint64
 	upstreamConnects uint64
+	logNotLogged     atomic.Uint64 // console bytes the log writer lost
 
 	// inputMu guards the input on its way to the upstream (see input.go).
 	// It is never held across a write: one goroutine per connection writes
@@ -298,6 +300,17 @@ func (p *Proxy) appendNotice(text string) {
 	if p.cfg.DisableNotices {
 		return
 	}
+	p.announce(text)
+}
+
+// Retire tells every reader that the console is going away for good (host
+// mode retires a console whose VM is gone), whatever DisableNotices says:
+// a client must be able to tell a retired console from a restarting VM.
+// Call it after the upstream has stopped and before Shutdown.
+func (p *Proxy) Retire() { p.announce(noticeRetired) }
+
+// announce adds a notice to the ring and wakes every reader at once.
+func (p *Proxy) announce(text string) {
 	p.mu.Lock()
 	p.ring.Write(notice(text, p.atLineStartLocked()))
 	p.stopWakeTimerLocked()

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"cmp"
-	"runtime"
 	"slices"
 	"time"
 )
@@ -33,7 +32,9 @@ type Stats struct {
 	BytesIn          uint64
 	InputDiscarded   uint64
 	Dropped          uint64
-	Goroutines       int // in the whole process
+	// LogNotLogged counts the console bytes that RunLog's writer lost (it
+	// fell a ring behind, or its writes failed meanwhile).
+	LogNotLogged uint64
 }
 
 // Stats returns a snapshot of the proxy's counters. It is safe to call at
@@ -59,7 +60,7 @@ func (p *Proxy) Stats() Stats {
 	}
 	p.mu.Unlock()
 	slices.SortFunc(s.Clients, func(a, b ClientStats) int { return cmp.Compare(a.ID, b.ID) })
-	s.Goroutines = runtime.NumGoroutine()
+	s.LogNotLogged = p.logNotLogged.Load()
 	return s
 }
 

@@ -9,7 +9,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/consoleproxy/consoleproxy/host"
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/hashicorp/go-hclog"
@@ -32,7 +34,12 @@ func usagef(format string, args ...any) error {
 
 // options is the parsed and validated command line.
 type options struct {
-	upstream         proxy.Upstream
+	upstream         proxy.Upstream // nil with a pattern
+	pattern          *host.Pattern  // host mode: the --upstream path's pattern
+	upstreamKind     string         // with a pattern: unix or pty
+	maxConsoles      int
+	retireAfter      time.Duration
+	status           string
 	listen           string
 	listenRO         string
 	bufferSize       int
@@ -156,6 +163,8 @@ func parseArgs(args []string) (*options, error) {
 		roGroup    = fs.String("ro-socket-group", "", "")
 		roAllowUID = fs.String("ro-allow-uid", "", "")
 		roAllowGID = fs.String("ro-allow-gid", "", "")
+		maxCons    = fs.String("max-consoles", strconv.Itoa(host.DefaultMaxConsoles), "")
+		retire     = fs.String("retire-after", host.DefaultRetireAfter.String(), "")
 		logMaxSize = fs.String("console-log-max-size", "16MiB", "")
 		logFiles   = fs.String("console-log-max-files", "5", "")
 		o          = &options{}
@@ -164,6 +173,7 @@ func parseArgs(args []string) (*options, error) {
 	fs.BoolVar(&o.logOptions.Timestamps, "console-log-timestamps", false, "")
 	fs.StringVar(&o.listen, "listen", "", "")
 	fs.StringVar(&o.listenRO, "listen-ro", "", "")
+	fs.StringVar(&o.status, "status", "", "")
 	fs.StringVar(&o.socket.Group, "socket-group", "", "")
 	fs.BoolVar(&o.notices, "notices", true, "")
 	fs.BoolVar(&o.exitWithUpstream, "exit-with-upstream", false, "")
@@ -184,14 +194,19 @@ func parseArgs(args []string) (*options, error) {
 	if *upstream == "" {
 		return nil, usagef("--upstream is required")
 	}
-	if o.upstream, err = proxy.ParseUpstream(*upstream); err != nil {
-		return nil, usagef("--upstream: %v", err)
+	if err := parseUpstreamOrPattern(*upstream, o); err != nil {
+		return nil, err
 	}
 	if o.listen == "" {
 		return nil, usagef("--listen is required")
 	}
-	for _, s := range []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}} {
-		if s.path == "" {
+	if err := checkTemplates(fs, o, *maxCons, *retire); err != nil {
+		return nil, err
+	}
+	for _, s := range []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--status", o.status}} {
+		// A template's length is known only once it is expanded: a
+		// console whose socket path is too long cannot start, and says so.
+		if s.path == "" || (o.pattern != nil && host.HasPlaceholder(s.path)) {
 			continue
 		}
 		if err := proxy.CheckSocketPath(s.path); err != nil {
@@ -312,6 +327,65 @@ func parseArgs(args []string) (*options, error) {
 		return nil, usagef("--log-format: %q is not text or json", *logFormat)
 	}
 	return o, nil
+}
+
+// parseUpstreamOrPattern parses --upstream: one upstream, or, when its
+// path holds a "*", the pattern of host mode.
+func parseUpstreamOrPattern(spec string, o *options) error {
+	if !strings.Contains(spec, "*") {
+		var err error
+		if o.upstream, err = proxy.ParseUpstream(spec); err != nil {
+			return usagef("--upstream: %v", err)
+		}
+		return nil
+	}
+	kind, path, found := strings.Cut(spec, ":")
+	if !found || (kind != "unix" && kind != "pty") {
+		return usagef("--upstream: %q: a pattern ('*') needs the kind unix: or pty:", spec)
+	}
+	p, err := host.ParsePattern(path)
+	if err != nil {
+		return usagef("--upstream: %v", err)
+	}
+	o.pattern, o.upstreamKind = &p, kind
+	return nil
+}
+
+// checkTemplates applies the rules of {name} and {dir}: with a pattern,
+// --listen must hold one of them, and so must --listen-ro and
+// --console-log when given (each console needs paths of its own); without
+// one they mean nothing, and neither do the host-mode flags.
+func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter string) error {
+	paths := []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--console-log", o.consoleLog}}
+	if o.pattern == nil {
+		for _, p := range paths {
+			if host.HasPlaceholder(p.path) {
+				return usagef("%s: {name} and {dir} need an --upstream pattern with a '*'", p.flag)
+			}
+		}
+		for _, f := range []string{"max-consoles", "retire-after"} {
+			if isSet(fs, f) {
+				return usagef("--%s needs an --upstream pattern with a '*'", f)
+			}
+		}
+		return nil
+	}
+	for _, p := range paths {
+		if p.path != "" && !host.HasPlaceholder(p.path) {
+			return usagef("%s: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own", p.flag)
+		}
+	}
+	if o.exitWithUpstream {
+		return usagef("--exit-with-upstream does not go with an --upstream pattern: host mode serves consoles as they come and go")
+	}
+	var err error
+	if o.maxConsoles, err = strconv.Atoi(maxConsoles); err != nil || o.maxConsoles < 1 {
+		return usagef("--max-consoles: %q is not a whole number of at least 1", maxConsoles)
+	}
+	if o.retireAfter, err = time.ParseDuration(retireAfter); err != nil || o.retireAfter <= 0 {
+		return usagef("--retire-after: %q is not a positive duration such as 30s or 2m", retireAfter)
+	}
+	return nil
 }
 
 // isSet reports whether the flag was given on the command line.

@@ -10,26 +10,22 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"syscall"
 	"time"
 
-	"github.com/consoleproxy/consoleproxy/logsink"
+	"github.com/consoleproxy/consoleproxy/console"
+	"github.com/consoleproxy/consoleproxy/host"
 	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/status"
+	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"github.com/oklog/run"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = ""
-
-// drainTimeout bounds how long a stopping proxy keeps sending clients what
-// the ring holds for them.
-const drainTimeout = time.Second
-
-// logDrainTimeout bounds how long a stopping proxy waits for the console
-// log to catch up.
-const logDrainTimeout = 5 * time.Second
 
 func main() {
 	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
@@ -101,34 +97,13 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// serve binds everything, runs the proxy until a signal or the upstream's
-// end, and shuts it down in order.
+// serve opens the console (or, with a pattern, the host's discovery),
+// runs it until a signal or the upstream's end, and stops it in order.
 //
 // The signals were registered by the caller (see notifySignals), so a
 // SIGTERM during start-up is a clean stop once the group runs.
 func serve(o *options, log hclog.Logger, sigs *signals) error {
-	term, hup, usr1 := sigs.term, sigs.hup, sigs.usr1
 	started := time.Now()
-
-	var (
-		clog *logsink.Log
-		seed []byte
-		err  error
-	)
-	if o.consoleLog != "" {
-		if seed, err = logsink.ReadTail(o.consoleLog, o.bufferSize, o.logOptions.Timestamps); err != nil {
-			return fmt.Errorf("--console-log: %w", err)
-		}
-		if clog, err = logsink.Open(o.consoleLog, o.logOptions); err != nil {
-			return fmt.Errorf("--console-log: %w", err)
-		}
-		// Closed after the group has stopped and the log writer flushed.
-		defer func() {
-			if err := clog.Close(); err != nil {
-				log.Error("close console log", "error", err)
-			}
-		}()
-	}
 	access, err := resolveAccess("--allow-uid", o.allowUIDs, "--allow-gid", o.allowGIDs)
 	if err != nil {
 		return err
@@ -137,45 +112,40 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 	if err != nil {
 		return err
 	}
-	p, err := proxy.New(proxy.Config{
-		Upstream:         o.upstream,
-		BufferSize:       o.bufferSize,
-		Replay:           o.replay,
-		SlowClient:       o.slowClient,
-		MaxClients:       o.maxClients,
-		Access:           access,
-		ReadOnlyAccess:   roAccess,
-		DisableNotices:   !o.notices,
-		ExitWithUpstream: o.exitWithUpstream,
-		Seed:             seed,
-		Logger:           log,
-	})
-	if err != nil {
-		return err
-	}
-	// Bind before anything runs, so that a socket in the way fails the start
-	// instead of a running daemon. RunUpstream closes the listen: socket.
-	if lu, ok := o.upstream.(*proxy.ListenUpstream); ok {
-		lu.Socket = o.socket
-		lu.Access = access
-		if err := lu.Listen(); err != nil {
-			return fmt.Errorf("--upstream: %w", err)
+	// The process's one inotify instance, shared by every wait.
+	watcher := watch.New()
+	defer watcher.Close()
+	var statusLn *proxy.SocketListener
+	if o.status != "" {
+		if statusLn, err = proxy.Listen(o.status, o.socket); err != nil {
+			return fmt.Errorf("--status: %w", err)
 		}
 	}
-	ln, err := proxy.Listen(o.listen, o.socket)
-	if err != nil {
-		closeUpstream(o.upstream)
-		return fmt.Errorf("--listen: %w", err)
-	}
-	var lnRO *proxy.SocketListener
-	if o.listenRO != "" {
-		if lnRO, err = proxy.Listen(o.listenRO, o.roSocket); err != nil {
-			ln.Close()
-			closeUpstream(o.upstream)
-			return fmt.Errorf("--listen-ro: %w", err)
+
+	// consoleConfig is the console for one upstream path; with a pattern,
+	// for one match.
+	consoleConfig := func(name string, up proxy.Upstream, path string) console.Config {
+		expand := func(s string) string {
+			if s == "" || o.pattern == nil {
+				return s
+			}
+			return host.Expand(s, name, path)
+		}
+		clog := log
+		if o.pattern != nil {
+			clog = log.With("console", name)
+		}
+		return console.Config{
+			Name: name, Upstream: up,
+			Listen: expand(o.listen), ListenRO: expand(o.listenRO),
+			Socket: o.socket, ROSocket: o.roSocket,
+			Access: access, ROAccess: roAccess,
+			ConsoleLog: expand(o.consoleLog), LogOptions: o.logOptions,
+			BufferSize: o.bufferSize, Replay: o.replay, SlowClient: o.slowClient, MaxClients: o.maxClients,
+			DisableNotices: !o.notices, ExitWithUpstream: o.exitWithUpstream,
+			Watcher: watcher, Logger: clog,
 		}
 	}
-	log.Info("started", "version", versionString(), "upstream", o.upstream.String(), "listen", o.listen, "listen_ro", o.listenRO, "buffer_size", o.bufferSize)
 
 	// Actors are interrupted in the order they are added, which is the
 	// shutdown order.
@@ -186,94 +156,79 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 	// Signals: SIGINT or SIGTERM ends the group with a clean stop.
 	g.Add(func() error {
 		select {
-		case sig := <-term:
+		case sig := <-sigs.term:
 			return stopSignal{sig}
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}, func(error) { cancel() })
 
-	// Upstream: stopped first, and waited for, so the ring stops growing
-	// and clients can be drained to its end. With --exit-with-upstream its
-	// end is what ends the group.
-	{
-		upCtx, upCancel := context.WithCancel(ctx)
-		upDone := make(chan struct{})
-		g.Add(func() error {
-			defer close(upDone)
-			return p.RunUpstream(upCtx)
-		}, func(error) {
-			upCancel()
-			<-upDone
+	// The consoles: each stops in order when ctx is done (its upstream,
+	// then its clients, within 1 s, then its log, within 5 s), all of them
+	// at once. With --exit-with-upstream a single console's end is what
+	// ends the group.
+	var consoles func() []*console.Console
+	if o.pattern != nil {
+		h := host.New(host.Config{
+			Pattern: *o.pattern,
+			Console: func(name, path string) console.Config {
+				// The kind was checked with the pattern: unix: or pty:.
+				up, _ := proxy.ParseUpstream(o.upstreamKind + ":" + path)
+				return consoleConfig(name, up, path)
+			},
+			MaxConsoles: o.maxConsoles,
+			RetireAfter: o.retireAfter,
+			Watcher:     watcher,
+			Logger:      log,
 		})
-	}
-
-	// Clients: stop accepting, send every client what the ring holds for it
-	// (at most drainTimeout), close them, and remove our socket files.
-	g.Add(func() error {
-		return serveErr(p.Serve(ln), "--listen")
-	}, func(error) {
-		sctx, scancel := context.WithTimeout(context.Background(), drainTimeout)
-		defer scancel()
-		if err := p.Shutdown(sctx); errors.Is(err, context.DeadlineExceeded) {
-			log.Warn("clients did not take all output before the drain timeout", "timeout", drainTimeout)
-		} else if err != nil {
-			log.Warn("shutdown", "error", err)
+		consoles = h.Consoles
+		g.Add(func() error { return h.Run(ctx) }, func(error) { cancel() })
+		log.Info("started", "version", versionString(), "pattern", o.upstreamKind+":"+o.pattern.String(),
+			"listen", o.listen, "listen_ro", o.listenRO, "buffer_size", o.bufferSize, "max_consoles", o.maxConsoles)
+	} else {
+		// Bound and opened before anything runs, so that a socket or a log
+		// in the way fails the start instead of a running daemon.
+		c, err := console.Open(consoleConfig("", o.upstream, ""))
+		if err != nil {
+			if statusLn != nil {
+				statusLn.Close()
+			}
+			return err
 		}
-	})
-	if lnRO != nil {
-		// Read-only clients: the same shutdown already closed this socket.
-		g.Add(func() error {
-			return serveErr(p.ServeReadOnly(lnRO), "--listen-ro")
-		}, func(error) {})
+		consoles = func() []*console.Console { return []*console.Console{c} }
+		g.Add(func() error { return c.Run(ctx) }, func(error) { cancel() })
+		log.Info("started", "version", versionString(), "upstream", o.upstream.String(), "listen", o.listen, "listen_ro", o.listenRO, "buffer_size", o.bufferSize)
 	}
 
-	// Operator signals: SIGHUP reopens the console log (after an external
-	// rotation); SIGUSR1 logs one line per client and a totals line.
+	// Status socket: one JSON document per connection.
+	if statusLn != nil {
+		g.Add(func() error {
+			return status.Serve(statusLn, access, func() status.Document {
+				stats := make([]console.Stats, 0)
+				for _, c := range consoles() {
+					stats = append(stats, c.Stats())
+				}
+				return status.NewDocument(versionString(), time.Since(started), stats)
+			}, log.Named("status"))
+		}, func(error) { statusLn.Close() })
+	}
+
+	// Operator signals: SIGHUP reopens every console log (after an external
+	// rotation); SIGUSR1 logs one line per console and per client.
 	{
 		sigCtx, sigCancel := context.WithCancel(ctx)
 		g.Add(func() error {
 			for {
 				select {
-				case <-hup:
-					if clog == nil {
-						log.Info("SIGHUP: there is no console log to reopen")
-					} else if err := clog.Reopen(); err != nil {
-						log.Error("reopen console log", "error", err)
-					} else {
-						log.Info("console log reopened")
-					}
-				case <-usr1:
-					logStats(log, p.Stats(), time.Since(started))
+				case <-sigs.hup:
+					reopenLogs(log, consoles())
+				case <-sigs.usr1:
+					logStats(log, consoles(), o.pattern != nil, time.Since(started))
 				case <-sigCtx.Done():
 					return nil
 				}
 			}
 		}, func(error) { sigCancel() })
-	}
-
-	if clog != nil {
-		// Console log: stopped last, so it receives everything the upstream
-		// produced, the VM's last words and the lost notice included; it
-		// gets logDrainTimeout to write it out (a failing disk must not hold
-		// the stop forever). Its context is not the group's: the first
-		// interrupt cancels that one, and the log would stop before it had
-		// caught up. It ends on its own once Shutdown has begun and it has
-		// written everything.
-		logCtx, logCancel := context.WithCancel(context.Background())
-		logDone := make(chan struct{})
-		g.Add(func() error {
-			defer close(logDone)
-			return p.RunLog(logCtx, clog)
-		}, func(error) {
-			select {
-			case <-logDone:
-			case <-time.After(logDrainTimeout):
-				log.Warn("console log did not catch up before stopping", "timeout", logDrainTimeout)
-			}
-			logCancel()
-			<-logDone
-		})
 	}
 
 	err = g.Run()
@@ -285,16 +240,51 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 	return err
 }
 
-func logStats(log hclog.Logger, s proxy.Stats, uptime time.Duration) {
-	for _, c := range s.Clients {
-		log.Info("client", "client", c.ID, "socket", c.Socket, "pid", c.PID, "uid", c.UID, "gid", c.GID,
-			"read_only", c.ReadOnly, "connected_for", time.Since(c.Connected).Round(time.Second),
-			"bytes_out", c.BytesOut, "bytes_in", c.BytesIn, "input_discarded", c.InputDiscarded, "dropped", c.Dropped)
+// reopenLogs reopens every console's log, saying so once for a console
+// without one.
+func reopenLogs(log hclog.Logger, consoles []*console.Console) {
+	reopened := 0
+	for _, c := range consoles {
+		clog := log
+		if c.Name() != "" {
+			clog = log.With("console", c.Name())
+		}
+		switch err := c.ReopenLog(); {
+		case errors.Is(err, console.ErrNoLog):
+		case err != nil:
+			clog.Error("reopen console log", "error", err)
+		default:
+			reopened++
+		}
 	}
-	log.Info("totals", "uptime", uptime.Round(time.Second), "clients", len(s.Clients), "clients_served", s.ClientsServed,
-		"upstream_up", s.UpstreamUp, "upstream_connects", s.UpstreamConnects, "upstream_bytes", s.UpstreamBytes,
-		"bytes_out", s.BytesOut, "bytes_in", s.BytesIn, "input_discarded", s.InputDiscarded, "dropped", s.Dropped,
-		"goroutines", s.Goroutines)
+	if reopened == 0 {
+		log.Info("SIGHUP: there is no console log to reopen")
+	} else {
+		log.Info("console log reopened", "logs", reopened)
+	}
+}
+
+func logStats(log hclog.Logger, consoles []*console.Console, named bool, uptime time.Duration) {
+	clients := 0
+	for _, c := range consoles {
+		s := c.Stats()
+		clog := log
+		if named {
+			clog = log.With("console", s.Name)
+		}
+		clients += len(s.Clients)
+		for _, c := range s.Clients {
+			clog.Info("client", "client", c.ID, "socket", c.Socket, "pid", c.PID, "uid", c.UID, "gid", c.GID,
+				"read_only", c.ReadOnly, "connected_for", time.Since(c.Connected).Round(time.Second),
+				"bytes_out", c.BytesOut, "bytes_in", c.BytesIn, "input_discarded", c.InputDiscarded, "dropped", c.Dropped)
+		}
+		clog.Info("totals", "uptime", uptime.Round(time.Second), "clients", len(s.Clients), "clients_served", s.ClientsServed,
+			"upstream_up", s.UpstreamUp, "upstream_connects", s.UpstreamConnects, "upstream_bytes", s.UpstreamBytes,
+			"bytes_out", s.BytesOut, "bytes_in", s.BytesIn, "input_discarded", s.InputDiscarded, "dropped", s.Dropped,
+			"log_bytes_not_logged", s.LogNotLogged)
+	}
+	log.Info("process", "uptime", uptime.Round(time.Second), "consoles", len(consoles), "clients", clients,
+		"goroutines", runtime.NumGoroutine())
 }
 
 // stopSignal ends the group on SIGINT or SIGTERM: a clean stop.
@@ -318,22 +308,6 @@ func resolveAccess(uidFlag string, uids []string, gidFlag string, gids []string)
 		return nil, fmt.Errorf("%s: %w", gidFlag, err)
 	}
 	return &a, nil
-}
-
-// closeUpstream releases an upstream that holds a socket (listen:), for
-// start-up failures after it was bound.
-func closeUpstream(up proxy.Upstream) {
-	if c, ok := up.(io.Closer); ok {
-		c.Close()
-	}
-}
-
-// serveErr maps the normal end of Serve to nil.
-func serveErr(err error, flag string) error {
-	if errors.Is(err, proxy.ErrClosed) {
-		return nil
-	}
-	return fmt.Errorf("%s: accept: %w", flag, err)
 }
 
 func versionString() string {
