@@ -313,8 +313,11 @@ func (h *Host) check(name string) *entry {
 	e := h.entries[name]
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
+	// The matched element (a VM's directory) is watched while it exists,
+	// socket or not: that is how its socket's appearance is seen.
+	element := present || exists(filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(name)))
 	if e == nil {
-		if !present {
+		if !element {
 			return nil
 		}
 		e = &entry{name: name, path: path}
@@ -341,9 +344,11 @@ func (h *Host) check(name string) *entry {
 		e.missingSince = time.Time{}
 	case present:
 		h.open(e)
-	case e.c == nil:
+	case e.c == nil && !element:
 		e.unwatchAll()
 		delete(h.entries, name)
+	case e.c == nil:
+		// A directory without its socket yet: watched, nothing to run.
 	case e.missingSince.IsZero():
 		e.missingSince = time.Now()
 	}
