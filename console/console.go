@@ -17,6 +17,7 @@ import (
 
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 )
@@ -43,10 +44,10 @@ type Config struct {
 	Listen, ListenRO string
 	// Socket applies to Listen and to a listen: upstream, ROSocket to
 	// ListenRO.
-	Socket, ROSocket proxy.SocketOptions
+	Socket, ROSocket unixsock.SocketOptions
 	// Access applies to Listen and to a listen: upstream, ROAccess to
 	// ListenRO.
-	Access, ROAccess *proxy.Access
+	Access, ROAccess *unixsock.Access
 	// ConsoleLog, when set, is the console log's path.
 	ConsoleLog string
 	LogOptions logsink.Options
@@ -71,8 +72,8 @@ type Console struct {
 	log  hclog.Logger
 	p    *proxy.Proxy
 	clog *logsink.Log // nil without a log
-	ln   *proxy.SocketListener
-	lnRO *proxy.SocketListener
+	ln   *unixsock.SocketListener
+	lnRO *unixsock.SocketListener
 
 	retireOnce sync.Once
 	retire     chan struct{} // closed by Retire
@@ -130,12 +131,12 @@ func Open(cfg Config) (_ *Console, err error) {
 		}
 		undo = append(undo, func() { lu.Close() })
 	}
-	if c.ln, err = proxy.Listen(cfg.Listen, cfg.Socket); err != nil {
+	if c.ln, err = unixsock.Listen(cfg.Listen, cfg.Socket); err != nil {
 		return nil, fmt.Errorf("--listen: %w", err)
 	}
 	undo = append(undo, func() { c.ln.Close() })
 	if cfg.ListenRO != "" {
-		if c.lnRO, err = proxy.Listen(cfg.ListenRO, cfg.ROSocket); err != nil {
+		if c.lnRO, err = unixsock.Listen(cfg.ListenRO, cfg.ROSocket); err != nil {
 			return nil, fmt.Errorf("--listen-ro: %w", err)
 		}
 	}

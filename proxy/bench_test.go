@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/consoleproxy/consoleproxy/unixsock"
 )
 
 // BenchmarkAttachAfterSocketAppears measures how long the proxy takes to
@@ -104,7 +106,7 @@ func benchmarkFanout(b *testing.B, clients int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ln, err := Listen(filepath.Join(dir, "c.sock"), SocketOptions{})
+	ln, err := unixsock.Listen(filepath.Join(dir, "c.sock"), unixsock.SocketOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}

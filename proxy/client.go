@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -111,7 +112,7 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 // admit starts serving conn, or refuses it when the proxy is full or
 // closing.
 func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Logger) {
-	cred := peerCred(conn)
+	cred := unixsock.PeerCred(conn)
 	// Access before capacity: a refused peer learns nothing about the
 	// proxy's load.
 	access := p.cfg.Access
@@ -337,22 +338,4 @@ func pollHUP(fd uintptr) bool {
 	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
 	n, err := unix.Poll(fds, 0)
 	return err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
-}
-
-// PeerCred returns the credentials of the process at the other end of a
-// Unix socket connection, as the kernel recorded them at connect
-// (SO_PEERCRED): pid -1 and uid and gid 2^32-1 when the connection cannot
-// say.
-func PeerCred(conn net.Conn) unix.Ucred { return peerCred(conn) }
-
-func peerCred(conn net.Conn) unix.Ucred {
-	cred := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
-	if raw, ok := rawConn(conn); ok {
-		raw.Control(func(fd uintptr) {
-			if uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-				cred = *uc
-			}
-		})
-	}
-	return cred
 }

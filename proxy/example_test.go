@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 )
 
 // fakeVMM stands in for a VMM's console socket: it prints a login prompt
@@ -101,7 +102,7 @@ func ExampleProxy_Serve() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	ln, err := proxy.Listen(filepath.Join(dir, "console.sock"), proxy.SocketOptions{Mode: 0o600})
+	ln, err := unixsock.Listen(filepath.Join(dir, "console.sock"), unixsock.SocketOptions{Mode: 0o600})
 	if err != nil {
 		log.Fatal(err)
 	}

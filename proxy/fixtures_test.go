@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"go.uber.org/goleak"
 )
 
@@ -153,7 +154,7 @@ func startProxy(t *testing.T, cfg Config) (*testProxy, string) {
 		t.Fatalf("New: %v", err)
 	}
 	sock := filepath.Join(dir, "console.sock")
-	ln, err := Listen(sock, SocketOptions{})
+	ln, err := unixsock.Listen(sock, unixsock.SocketOptions{})
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}

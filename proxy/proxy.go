@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/ringbuf"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 )
@@ -107,11 +108,11 @@ type Config struct {
 	// Zero means DefaultMaxClients.
 	MaxClients int
 	// Access, when not nil, limits who may connect to served sockets.
-	Access *Access
+	Access *unixsock.Access
 	// ReadOnlyAccess, when not nil, limits who may connect to sockets
 	// served with ServeReadOnly instead of Access. It cannot widen Access
 	// for the read-write sockets.
-	ReadOnlyAccess *Access
+	ReadOnlyAccess *unixsock.Access
 	// DisableNotices keeps the upstream and drop notices out of the stream.
 	// Refusal notices are always sent.
 	DisableNotices bool

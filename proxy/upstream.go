@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -31,10 +32,6 @@ type Upstream interface {
 // ErrBadSpec is wrapped by ParseUpstream's errors.
 var ErrBadSpec = errors.New("bad upstream spec")
 
-// MaxSocketPath is the longest Unix socket path the kernel accepts: the size
-// of sun_path less its terminating NUL.
-const MaxSocketPath = 107
-
 // ParseUpstream turns an --upstream spec into an Upstream:
 //
 //	unix:PATH       connect to a socket the VMM listens on
@@ -52,7 +49,7 @@ func ParseUpstream(spec string) (Upstream, error) {
 	}
 	switch kind {
 	case "unix", "listen":
-		if err := CheckSocketPath(rest); err != nil {
+		if err := unixsock.CheckSocketPath(rest); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrBadSpec, err)
 		}
 		if kind == "listen" {
@@ -92,18 +89,6 @@ func parseBarePath(path string) (Upstream, error) {
 		return ParseUpstream("pty:" + path)
 	}
 	return nil, fmt.Errorf("%w: %q has no kind prefix and is neither a socket nor a character device", ErrBadSpec, path)
-}
-
-// CheckSocketPath reports whether path can name a Unix socket: not empty and
-// no longer than MaxSocketPath bytes.
-func CheckSocketPath(path string) error {
-	switch {
-	case path == "":
-		return errors.New("empty socket path")
-	case len(path) > MaxSocketPath:
-		return fmt.Errorf("socket path %s is %d bytes, longer than the system limit of %d", path, len(path), MaxSocketPath)
-	}
-	return nil
 }
 
 // UnixUpstream connects to a socket the VMM listens on (Cloud Hypervisor's
@@ -150,10 +135,10 @@ func (u *TCPUpstream) String() string { return "tcp:" + u.Address }
 // for client sockets, and the proxy's own uid is allowed besides root.
 type ListenUpstream struct {
 	Path   string
-	Socket SocketOptions
-	Access *Access
+	Socket unixsock.SocketOptions
+	Access *unixsock.Access
 
-	ln *SocketListener
+	ln *unixsock.SocketListener
 }
 
 // DeniedError is returned by ListenUpstream.Dial for a peer that Access
@@ -169,7 +154,7 @@ func (e *DeniedError) Error() string {
 
 // Listen creates the socket, with the same rules as client sockets.
 func (u *ListenUpstream) Listen() error {
-	ln, err := Listen(u.Path, u.Socket)
+	ln, err := unixsock.Listen(u.Path, u.Socket)
 	if err != nil {
 		return err
 	}
@@ -191,7 +176,7 @@ func (u *ListenUpstream) Dial(ctx context.Context) (io.ReadWriteCloser, error) {
 		}
 		return nil, err
 	}
-	if cred := peerCred(conn); !u.allows(cred) {
+	if cred := unixsock.PeerCred(conn); !u.allows(cred) {
 		conn.Close()
 		return nil, &DeniedError{Cred: cred}
 	}
@@ -387,7 +372,7 @@ func (p *Proxy) drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, 
 	args := []any{}
 	if uc, ok := conn.(*net.UnixConn); ok {
 		// Whoever this is gets the console's keystrokes: say who.
-		cred := peerCred(uc)
+		cred := unixsock.PeerCred(uc)
 		args = append(args, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 	}
 	if discarded > 0 {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -145,7 +146,7 @@ func TestListenUpstreamServesOneVMMAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	fi, err := os.Stat(up.Path)
-	if err != nil || fi.Mode().Perm() != DefaultSocketMode {
+	if err != nil || fi.Mode().Perm() != unixsock.DefaultSocketMode {
 		t.Fatalf("listen socket: %v, mode %v", err, fi.Mode().Perm())
 	}
 	p, _ := startProxy(t, Config{Upstream: up})

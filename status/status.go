@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/console"
-	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -86,7 +86,7 @@ func NewDocument(version string, uptime time.Duration, consoles []console.Stats)
 // Serve answers every connection on ln with document() until ln is
 // closed; it returns nil then, after the last answer. A peer that access
 // refuses is closed without an answer. Serve takes ownership of ln.
-func Serve(ln net.Listener, access *proxy.Access, document func() Document, log hclog.Logger) error {
+func Serve(ln net.Listener, access *unixsock.Access, document func() Document, log hclog.Logger) error {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
@@ -100,7 +100,7 @@ func Serve(ln net.Listener, access *proxy.Access, document func() Document, log 
 			}
 			return err
 		}
-		if cred := proxy.PeerCred(conn); !access.Allows(cred) {
+		if cred := unixsock.PeerCred(conn); !access.Allows(cred) {
 			log.Warn("status refused: access denied", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 			conn.Close()
 			continue

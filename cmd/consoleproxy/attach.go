@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/attach"
-	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 )
 
 const attachUsageText = `Usage: consoleproxy attach [flags] SOCKET
@@ -163,7 +163,7 @@ func parseAttachArgs(args []string) (*attachArgs, error) {
 	what := "SOCKET"
 	if a.opts.Status != "" {
 		what = "NAME"
-		if err := proxy.CheckSocketPath(a.opts.Status); err != nil {
+		if err := unixsock.CheckSocketPath(a.opts.Status); err != nil {
 			return nil, usagef("--status: %v", err)
 		}
 	}
@@ -178,7 +178,7 @@ func parseAttachArgs(args []string) (*attachArgs, error) {
 		a.opts.Console = positional[0]
 	} else {
 		a.opts.Socket = positional[0]
-		if err := proxy.CheckSocketPath(a.opts.Socket); err != nil {
+		if err := unixsock.CheckSocketPath(a.opts.Socket); err != nil {
 			return nil, usagef("%v", err)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/consoleproxy/consoleproxy/host"
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -46,8 +47,8 @@ type options struct {
 	replay           proxy.ReplaySize
 	slowClient       proxy.SlowClientPolicy
 	maxClients       int
-	socket           proxy.SocketOptions // the read-write socket and a listen: upstream
-	roSocket         proxy.SocketOptions // the read-only socket
+	socket           unixsock.SocketOptions // the read-write socket and a listen: upstream
+	roSocket         unixsock.SocketOptions // the read-only socket
 	notices          bool
 	exitWithUpstream bool
 	allowUIDs        []string // names or ids, resolved at start
@@ -209,7 +210,7 @@ func parseArgs(args []string) (*options, error) {
 		if s.path == "" || (o.pattern != nil && host.HasPlaceholder(s.path)) {
 			continue
 		}
-		if err := proxy.CheckSocketPath(s.path); err != nil {
+		if err := unixsock.CheckSocketPath(s.path); err != nil {
 			return nil, usagef("%s: %v", s.flag, err)
 		}
 	}
@@ -281,7 +282,7 @@ func parseArgs(args []string) (*options, error) {
 		if !isSet(fs, strings.TrimPrefix(a.flag, "--")) {
 			continue
 		}
-		if *a.ids, err = proxy.SplitIDList(a.list); err != nil {
+		if *a.ids, err = unixsock.SplitIDList(a.list); err != nil {
 			return nil, usagef("%s: %v", a.flag, err)
 		}
 	}

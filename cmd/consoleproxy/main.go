@@ -19,6 +19,7 @@ import (
 	"github.com/consoleproxy/consoleproxy/host"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/consoleproxy/consoleproxy/status"
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"github.com/oklog/run"
@@ -115,9 +116,9 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 	// The process's one inotify instance, shared by every wait.
 	watcher := watch.New()
 	defer watcher.Close()
-	var statusLn *proxy.SocketListener
+	var statusLn *unixsock.SocketListener
 	if o.status != "" {
-		if statusLn, err = proxy.Listen(o.status, o.socket); err != nil {
+		if statusLn, err = unixsock.Listen(o.status, o.socket); err != nil {
 			return fmt.Errorf("--status: %w", err)
 		}
 	}
@@ -295,16 +296,16 @@ func (s stopSignal) Error() string { return "received " + s.String() }
 // resolveAccess looks up the names of an allow-uid and allow-gid pair of
 // flags; nil lists mean no such rule. Names that do not exist are found on
 // the system, so they are runtime failures.
-func resolveAccess(uidFlag string, uids []string, gidFlag string, gids []string) (*proxy.Access, error) {
+func resolveAccess(uidFlag string, uids []string, gidFlag string, gids []string) (*unixsock.Access, error) {
 	if uids == nil && gids == nil {
 		return nil, nil
 	}
-	var a proxy.Access
+	var a unixsock.Access
 	var err error
-	if a.UIDs, err = proxy.LookupUIDs(uids); err != nil {
+	if a.UIDs, err = unixsock.LookupUIDs(uids); err != nil {
 		return nil, fmt.Errorf("%s: %w", uidFlag, err)
 	}
-	if a.GIDs, err = proxy.LookupGIDs(gids); err != nil {
+	if a.GIDs, err = unixsock.LookupGIDs(gids); err != nil {
 		return nil, fmt.Errorf("%s: %w", gidFlag, err)
 	}
 	return &a, nil

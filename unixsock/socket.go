@@ -1,4 +1,13 @@
-package proxy
+// Package unixsock creates the Unix sockets that consoleproxy serves (the
+// client sockets, a listen: upstream, the status socket) and checks who
+// connects to them.
+//
+// A socket is created with its mode and group in effect before its path
+// becomes visible, replaces only a stale socket, and is removed at Close
+// only while the path still names it. Peers are told apart by the
+// credentials the kernel records at connect (SO_PEERCRED), which a client
+// cannot forge. The package starts no goroutine and does no logging.
+package unixsock
 
 import (
 	"errors"
@@ -13,6 +22,22 @@ import (
 
 	"golang.org/x/sys/unix"
 )
+
+// MaxSocketPath is the longest Unix socket path the kernel accepts: the size
+// of sun_path less its terminating NUL.
+const MaxSocketPath = 107
+
+// CheckSocketPath reports whether path can name a Unix socket: not empty and
+// no longer than MaxSocketPath bytes.
+func CheckSocketPath(path string) error {
+	switch {
+	case path == "":
+		return errors.New("empty socket path")
+	case len(path) > MaxSocketPath:
+		return fmt.Errorf("socket path %s is %d bytes, longer than the system limit of %d", path, len(path), MaxSocketPath)
+	}
+	return nil
+}
 
 // DefaultSocketMode is the mode of sockets created by Listen when
 // SocketOptions.Mode is zero: only the proxy's own user may connect.
@@ -194,4 +219,26 @@ func clearStaleSocket(path string) error {
 		return ErrSocketInUse // backlog full: someone is listening
 	}
 	return fmt.Errorf("cannot tell whether a process listens on it: %w", err)
+}
+
+// PeerCred returns the credentials of the process at the other end of a
+// Unix socket connection, as the kernel recorded them at connect
+// (SO_PEERCRED): pid -1 and uid and gid 2^32-1 when the connection cannot
+// say.
+func PeerCred(conn net.Conn) unix.Ucred {
+	cred := unix.Ucred{Pid: -1, Uid: ^uint32(0), Gid: ^uint32(0)}
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return cred
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return cred
+	}
+	raw.Control(func(fd uintptr) {
+		if uc, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			cred = *uc
+		}
+	})
+	return cred
 }
