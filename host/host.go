@@ -72,7 +72,8 @@ type Host struct {
 
 	parent func() // cancels the watch on Parent (or the way to it); guarded by mu
 
-	entries map[string]*entry // owned by Run's goroutine
+	entries     map[string]*entry // owned by Run's goroutine
+	watchWarned bool              // that the parent cannot be watched
 }
 
 // entry is a name the pattern matched, running or not.
@@ -245,10 +246,23 @@ func sortedNames(m map[string]struct{}) []string {
 // existing directory on the way to it while it is missing.
 func (h *Host) watchParent() {
 	parent := h.cfg.Pattern.Parent
-	dir := nearestExisting(parent)
-	if dir == "" {
-		return
+	for {
+		dir := nearestExisting(parent)
+		if dir == "" || !h.watchDir(parent, dir) {
+			return
+		}
+		// A directory on the way that appeared before the watch began
+		// sends no event: look again, from there.
+		if nearestExisting(parent) == dir {
+			return
+		}
+		h.dropParent()
 	}
+}
+
+// watchDir watches dir, the pattern's parent or the nearest existing
+// directory on the way to it, and reports whether it could.
+func (h *Host) watchDir(parent, dir string) bool {
 	cancel, err := h.cfg.Watcher.Watch(dir, func(e watch.Event) {
 		switch {
 		case e.Gone || e.Overflow:
@@ -264,12 +278,16 @@ func (h *Host) watchParent() {
 		}
 	})
 	if err != nil {
-		h.log.Warn("cannot watch for consoles; scanning every second", "dir", dir, "error", err)
-		return
+		if !h.watchWarned {
+			h.log.Warn("cannot watch for consoles; scanning every second", "dir", dir, "error", err)
+			h.watchWarned = true
+		}
+		return false
 	}
 	h.mu.Lock()
 	h.parent = cancel
 	h.mu.Unlock()
+	return true
 }
 
 func (h *Host) watchingParent() bool {
@@ -420,6 +438,8 @@ func (h *Host) rewatch(e *entry) {
 		e.unwatch = append(e.unwatch, cancel)
 		e.watched = append(e.watched, d)
 	}
+	// What changed before the new watches began is seen by looking again.
+	h.mark(e.name)
 }
 
 func (e *entry) unwatchAll() {
