@@ -80,7 +80,7 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 	p.mu.Unlock()
 
 	log := p.clientLog.With("socket", ln.Addr().String())
-	delay := minBackoff
+	delay := minRetry
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -95,7 +95,7 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 				// retry once some close rather than spin.
 				log.Warn("accept failed; retrying", "error", err, "delay", delay)
 				time.Sleep(delay)
-				delay = min(2*delay, maxBackoff)
+				delay = min(2*delay, maxRetry)
 				continue
 			}
 			p.mu.Lock()
@@ -104,7 +104,7 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 			ln.Close()
 			return err
 		}
-		delay = minBackoff
+		delay = minRetry
 		p.admit(conn, ln.Addr().String(), readOnly, log)
 	}
 }
@@ -120,7 +120,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 		access = p.cfg.ReadOnlyAccess
 	}
 	if !access.Allows(cred) {
-		p.deniedWarn.warn("socket", socket, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+		p.deniedWarn.Warn("socket", socket, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 		refuse(conn, noticeDenied)
 		return
 	}
@@ -132,7 +132,7 @@ func (p *Proxy) admit(conn net.Conn, socket string, readOnly bool, log hclog.Log
 	}
 	if len(p.clients) >= p.cfg.MaxClients {
 		p.mu.Unlock()
-		p.fullWarn.warn("socket", socket, "max", p.cfg.MaxClients, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+		p.fullWarn.Warn("socket", socket, "max", p.cfg.MaxClients, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 		refuse(conn, noticeTooMany(p.cfg.MaxClients))
 		return
 	}

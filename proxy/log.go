@@ -7,6 +7,15 @@ import (
 	"os"
 	"strconv"
 	"time"
+
+	"github.com/consoleproxy/consoleproxy/upstream"
+)
+
+// Retry timing for a failing accept and a failing log write: soon at
+// first, then no more than once a second.
+const (
+	minRetry = 10 * time.Millisecond
+	maxRetry = time.Second
 )
 
 // logErrorInterval rate-limits the warnings about a failing console log: a
@@ -53,7 +62,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 		lostReason string // why, when w said (Unlogged)
 		lastErr    error  // why writes are failing, if they are
 		lastWarned time.Time
-		delay           = minBackoff
+		delay           = minRetry
 		last       byte = '\n' // the last byte written, for notice framing
 	)
 	for {
@@ -103,7 +112,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 		r.cursor += uint64(written)
 		p.mu.Unlock()
 		if err == nil {
-			lastErr, delay = nil, minBackoff
+			lastErr, delay = nil, minRetry
 			continue
 		}
 		var u Unlogged
@@ -125,7 +134,7 @@ func (p *Proxy) RunLog(ctx context.Context, w io.Writer) error {
 		if !sleepOrDone(ctx, r.done, delay) {
 			return nil
 		}
-		delay = min(2*delay, maxBackoff)
+		delay = min(2*delay, maxRetry)
 	}
 }
 
@@ -135,7 +144,7 @@ func errorText(err error) string {
 	if errors.As(err, &pe) {
 		return pe.Err.Error()
 	}
-	return lostReason(err)
+	return upstream.Reason(err)
 }
 
 // sleepOrDone waits for d, or until ctx is done or done is closed (a nil

@@ -44,6 +44,7 @@ import (
 
 	"github.com/consoleproxy/consoleproxy/ringbuf"
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/warnlimit"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 )
@@ -142,7 +143,7 @@ type Proxy struct {
 
 	// Repeated warnings, rate-limited: a peer connecting in a loop must
 	// not flood the daemon log.
-	deniedWarn, fullWarn, takeoverWarn, vmmDeniedWarn *warnLimiter
+	deniedWarn, fullWarn *warnlimit.Limiter
 
 	// mu guards the ring and every Reader's cursor and state, plus the
 	// fields below it. It is held only for memory copies, never for I/O.
@@ -176,9 +177,11 @@ type Proxy struct {
 	inputQueue    []inputChunk  // oldest first
 	inputQueued   int           // bytes in inputQueue
 	inputWake     chan struct{} // one slot: inputQueue grew
-	inputFull     bool          // the queue overflowed; logged once
-	discardedFull uint64        // input discarded since the queue overflowed
-	discardedDown uint64        // input discarded since the upstream was last up
+	inputStop     chan struct{} // closed when the connection ends
+	inputWriter   sync.WaitGroup
+	inputFull     bool   // the queue overflowed; logged once
+	discardedFull uint64 // input discarded since the queue overflowed
+	discardedDown uint64 // input discarded since the upstream was last up
 
 	clientsDone sync.WaitGroup
 }
@@ -221,11 +224,8 @@ func New(cfg Config) (*Proxy, error) {
 		clients:   make(map[*client]struct{}),
 		listeners: make(map[net.Listener]struct{}),
 	}
-	p.deniedWarn = newWarnLimiter(p.clientLog, "client refused: access denied")
-	p.fullWarn = newWarnLimiter(p.clientLog, "client refused: too many clients")
-	p.takeoverWarn = newWarnLimiter(p.upLog, "upstream closed the connection right after accepting it while its socket still exists; "+
-		"another client probably connected to the VMM directly and took the console over; backing off")
-	p.vmmDeniedWarn = newWarnLimiter(p.upLog, "VMM connection refused: access denied")
+	p.deniedWarn = warnlimit.New(p.clientLog, "client refused: access denied")
+	p.fullWarn = warnlimit.New(p.clientLog, "client refused: too many clients")
 	p.ring.Write(cfg.Seed)
 	// The log writer starts after the seed, which came from the log, and
 	// before the restarted notice, which marks the restart in the log too.
@@ -395,9 +395,8 @@ func (p *Proxy) Close() error {
 // stopWarnings logs what the rate-limited warnings held back and disarms
 // their timers.
 func (p *Proxy) stopWarnings() {
-	for _, l := range []*warnLimiter{p.deniedWarn, p.fullWarn, p.takeoverWarn, p.vmmDeniedWarn} {
-		l.stop()
-	}
+	p.deniedWarn.Stop()
+	p.fullWarn.Stop()
 }
 
 func (p *Proxy) takeListenersLocked() []net.Listener {

@@ -13,41 +13,10 @@ import (
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/upstream"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
-
-func TestParseUpstream(t *testing.T) {
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "vmm.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	regular := filepath.Join(dir, "file")
-	os.WriteFile(regular, nil, 0o600)
-	for _, tc := range []struct{ spec, want string }{
-		{"unix:/run/vm/serial.sock", "unix:/run/vm/serial.sock"},
-		{"pty:/dev/pts/3", "pty:/dev/pts/3"},
-		{"listen:/run/vm/serial.sock", "listen:/run/vm/serial.sock"},
-		{"tcp:127.0.0.1:4555", "tcp:127.0.0.1:4555"},
-		{"tcp:[::1]:4555", "tcp:[::1]:4555"},
-		{sock, "unix:" + sock},
-		{"/dev/null", "pty:/dev/null"}, // a character device
-	} {
-		u, err := ParseUpstream(tc.spec)
-		if err != nil || u.String() != tc.want {
-			t.Errorf("ParseUpstream(%q) = %v, %v; want %s", tc.spec, u, err, tc.want)
-		}
-	}
-	for _, spec := range []string{"", "ftp:x", "unix:", "pty:", "tcp:host", "tcp::80", "tcp:h:0", "tcp:h:http",
-		"listen:/" + strings.Repeat("x", 107), regular, filepath.Join(dir, "missing"), dir} {
-		if u, err := ParseUpstream(spec); err == nil {
-			t.Errorf("ParseUpstream(%q) = %v, want an error", spec, u)
-		}
-	}
-}
 
 // openPTY returns a new PTY's master, pollable so reads honour deadlines,
 // and its slave's path.
@@ -335,7 +304,7 @@ func TestTakeoverIsNotFought(t *testing.T) {
 	if !strings.Contains(logs.String(), "took the console over") {
 		t.Errorf("no takeover warning in the log:\n%s", logs)
 	}
-	// Each reconnect after a takeover waits at least takeoverBackoff: the
+	// Each reconnect after a takeover waits at least upstream.TakeoverBackoff: the
 	// proxy's own connect log lines are never closer than that. (Plain
 	// exponential backoff would reconnect after 10, 20, 40 ms.)
 	var connects []time.Time
@@ -352,8 +321,8 @@ func TestTakeoverIsNotFought(t *testing.T) {
 		t.Fatalf("only %d connects in the log: the scenario did not run", len(connects))
 	}
 	for i := 1; i < len(connects); i++ {
-		if gap := connects[i].Sub(connects[i-1]); gap < takeoverBackoff {
-			t.Errorf("reconnect %d came %v after the previous one, sooner than %v; log:\n%s", i, gap, takeoverBackoff, logs)
+		if gap := connects[i].Sub(connects[i-1]); gap < upstream.TakeoverBackoff {
+			t.Errorf("reconnect %d came %v after the previous one, sooner than %v; log:\n%s", i, gap, upstream.TakeoverBackoff, logs)
 		}
 	}
 }

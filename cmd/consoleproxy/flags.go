@@ -15,6 +15,7 @@ import (
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/upstream"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -335,7 +336,7 @@ func parseArgs(args []string) (*options, error) {
 func parseUpstreamOrPattern(spec string, o *options) error {
 	if !strings.Contains(spec, "*") {
 		var err error
-		if o.upstream, err = proxy.ParseUpstream(spec); err != nil {
+		if o.upstream, err = upstream.ParseUpstream(spec); err != nil {
 			return usagef("--upstream: %v", err)
 		}
 		return nil

@@ -20,6 +20,7 @@ import (
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/consoleproxy/consoleproxy/status"
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/upstream"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 	"github.com/oklog/run"
@@ -174,7 +175,7 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 			Pattern: *o.pattern,
 			Console: func(name, path string) console.Config {
 				// The kind was checked with the pattern: unix: or pty:.
-				up, _ := proxy.ParseUpstream(o.upstreamKind + ":" + path)
+				up, _ := upstream.ParseUpstream(o.upstreamKind + ":" + path)
 				return consoleConfig(name, up, path)
 			},
 			MaxConsoles: o.maxConsoles,

@@ -1,4 +1,4 @@
-package proxy
+package warnlimit
 
 import (
 	"strings"
@@ -8,20 +8,19 @@ import (
 )
 
 func TestRepeatedWarningsAreCountedNotRepeated(t *testing.T) {
-	checkLeaks(t)
-	logs := &syncLog{}
-	l := newWarnLimiter(hclog.New(&hclog.LoggerOptions{Output: logs}), "client refused: access denied")
+	logs := &strings.Builder{}
+	l := New(hclog.New(&hclog.LoggerOptions{Output: logs}), "client refused: access denied")
 	for i := range 448 {
-		l.warn("uid", 65534+i)
+		l.Warn("uid", 65534+i)
 	}
 	if n := strings.Count(logs.String(), "client refused: access denied"); n != 1 {
 		t.Fatalf("%d lines for 448 refusals within the interval, want 1:\n%s", n, logs)
 	}
-	l.stop()
+	l.Stop()
 	if !strings.Contains(logs.String(), "client refused: access denied (repeated): times=447") {
 		t.Errorf("the held-back refusals were not counted:\n%s", logs)
 	}
-	l.warn("after", "stop")
+	l.Warn("after", "stop")
 	if n := strings.Count(logs.String(), "\n"); n != 2 {
 		t.Errorf("%d lines, want 2:\n%s", n, logs)
 	}
