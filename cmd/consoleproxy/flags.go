@@ -293,27 +293,11 @@ func parseArgs(args []string) (*options, error) {
 	if !isSet(fs, "ro-allow-gid") {
 		o.roAllowGIDs = o.allowGIDs
 	}
-	if o.listenRO == "" {
-		var orphan string
-		fs.Visit(func(f *flag.Flag) {
-			if strings.HasPrefix(f.Name, "ro-") {
-				orphan = f.Name
-			}
-		})
-		if orphan != "" {
-			return nil, usagef("--%s needs --listen-ro", orphan)
-		}
+	if orphan := setWithPrefix(fs, "ro-"); orphan != "" && o.listenRO == "" {
+		return nil, usagef("--%s needs --listen-ro", orphan)
 	}
-	if o.consoleLog == "" {
-		var orphan string
-		fs.Visit(func(f *flag.Flag) {
-			if strings.HasPrefix(f.Name, "console-log-") {
-				orphan = f.Name
-			}
-		})
-		if orphan != "" {
-			return nil, usagef("--%s needs --console-log", orphan)
-		}
+	if orphan := setWithPrefix(fs, "console-log-"); orphan != "" && o.consoleLog == "" {
+		return nil, usagef("--%s needs --console-log", orphan)
 	}
 	if o.logOptions.MaxSize, err = parseSize(*logMaxSize); err != nil {
 		return nil, usagef("--console-log-max-size: %v", err)
@@ -388,6 +372,18 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		return usagef("--retire-after: %q is not a positive duration such as 30s or 2m", retireAfter)
 	}
 	return nil
+}
+
+// setWithPrefix returns a flag given on the command line whose name starts
+// with prefix, or "".
+func setWithPrefix(fs *flag.FlagSet, prefix string) string {
+	var name string
+	fs.Visit(func(f *flag.Flag) {
+		if strings.HasPrefix(f.Name, prefix) {
+			name = f.Name
+		}
+	})
+	return name
 }
 
 // isSet reports whether the flag was given on the command line.
