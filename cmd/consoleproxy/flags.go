@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -215,8 +216,8 @@ func parseArgs(args []string) (*options, error) {
 			return nil, usagef("%s: %v", s.flag, err)
 		}
 	}
-	if o.listenRO != "" && o.listenRO == o.listen {
-		return nil, usagef("--listen-ro must differ from --listen")
+	if err := checkDistinctPaths(o); err != nil {
+		return nil, err
 	}
 	size, err := parseSize(*bufferSize)
 	if err != nil {
@@ -372,6 +373,65 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		return usagef("--retire-after: %q is not a positive duration such as 30s or 2m", retireAfter)
 	}
 	return nil
+}
+
+// checkDistinctPaths refuses two of the proxy's paths that name the same
+// file however they are spelled (a relative and an absolute path, a
+// symlinked directory): the proxy would bind over its own upstream, or log
+// into its own socket. With a pattern the templates are compared as they
+// expand for one name.
+func checkDistinctPaths(o *options) error {
+	type named struct{ flag, path string }
+	var paths []named
+	const sample = "consoleproxy-name"
+	expand := func(s string) string { return s }
+	if o.pattern != nil {
+		upPath := o.pattern.Path(sample)
+		expand = func(s string) string { return host.Expand(s, sample, upPath) }
+		paths = append(paths, named{"--upstream", upPath})
+	} else if p := upstreamPath(o.upstream); p != "" {
+		paths = append(paths, named{"--upstream", p})
+	}
+	for _, p := range []named{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--status", o.status}, {"--console-log", o.consoleLog}} {
+		if p.path != "" {
+			paths = append(paths, named{p.flag, expand(p.path)})
+		}
+	}
+	seen := make(map[string]string)
+	for _, p := range paths {
+		key := canonicalPath(p.path)
+		if other, ok := seen[key]; ok {
+			return usagef("%s and %s name the same file %s", other, p.flag, p.path)
+		}
+		seen[key] = p.flag
+	}
+	return nil
+}
+
+// upstreamPath returns the filesystem path an upstream uses, if any.
+func upstreamPath(up upstream.Upstream) string {
+	switch u := up.(type) {
+	case *upstream.UnixUpstream:
+		return u.Path
+	case *upstream.ListenUpstream:
+		return u.Path
+	case *upstream.PTYUpstream:
+		return u.Path
+	}
+	return ""
+}
+
+// canonicalPath spells path one way: absolute, cleaned, with its
+// directory's symlinks resolved where the directory exists.
+func canonicalPath(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return filepath.Clean(path)
+	}
+	if dir, err := filepath.EvalSymlinks(filepath.Dir(abs)); err == nil {
+		return filepath.Join(dir, filepath.Base(abs))
+	}
+	return abs
 }
 
 // setWithPrefix returns a flag given on the command line whose name starts
