@@ -376,3 +376,42 @@ func inotifyInstances(t *testing.T) int {
 	}
 	return n
 }
+
+func TestStopStopsEveryConsoleAtOnce(t *testing.T) {
+	parent := t.TempDir()
+	const n = 5
+	var vms []*vm
+	for i := range n {
+		vms = append(vms, startVM(t, parent, string(rune('a'+i))))
+	}
+	p, err := ParsePattern(filepath.Join(parent, "*", "serial.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := watch.New()
+	defer w.Close()
+	h := New(Config{Pattern: p, Watcher: w, Console: func(name, path string) console.Config {
+		return console.Config{Name: name, Upstream: &proxy.UnixUpstream{Path: path},
+			Listen: Expand("{dir}/console.sock", name, path), Watcher: w}
+	}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.Run(ctx)
+	}()
+	// Every console has a client that never reads, behind a flood: each
+	// stop waits out its whole drain budget.
+	for _, v := range vms {
+		waitFor(t, "the VM to be attached", v.connected)
+		attachClient(t, filepath.Join(v.dir, "console.sock"), "boot of")
+		v.write(t, strings.Repeat("flood\n", 1<<20/6*4))
+	}
+	start := time.Now()
+	cancel()
+	<-done
+	// One after another they would take n budgets.
+	if took := time.Since(start); took >= (n-2)*console.DrainTimeout {
+		t.Errorf("stopping %d consoles took %v: not at once", n, took)
+	}
+}
