@@ -87,7 +87,7 @@ func TestBadInvocationsAndEnvironments(t *testing.T) {
 		{"listen: path too long", []string{"--upstream", "listen:" + long, "--listen", ok}, 2, "longer than the system limit of 107", false, false},
 		{"--listen too long", []string{"--upstream", up, "--listen", long}, 2, "longer than the system limit of 107", false, false},
 		{"--listen-ro too long", []string{"--upstream", up, "--listen", ok, "--listen-ro", long}, 2, "longer than the system limit of 107", false, false},
-		{"--listen-ro same as --listen", []string{"--upstream", up, "--listen", ok, "--listen-ro", ok}, 2, "must differ", false, false},
+		{"--listen-ro same as --listen", []string{"--upstream", up, "--listen", ok, "--listen-ro", ok}, 2, "name the same file", false, false},
 		{"buffer too small", []string{"--upstream", up, "--listen", ok, "--buffer-size", "1K"}, 2, "outside 4KiB to 1GiB", false, false},
 		{"buffer too large", []string{"--upstream", up, "--listen", ok, "--buffer-size", "2G"}, 2, "outside 4KiB to 1GiB", false, false},
 		{"buffer with a decimal unit", []string{"--upstream", up, "--listen", ok, "--buffer-size", "1MB"}, 2, `unknown unit "MB"`, false, false},

@@ -45,8 +45,7 @@ type Config struct {
 	// Socket applies to Listen and to a listen: upstream, ROSocket to
 	// ListenRO.
 	Socket, ROSocket unixsock.SocketOptions
-	// Access applies to Listen and to a listen: upstream, ROAccess to
-	// ListenRO.
+	// Access applies to Listen, ROAccess to ListenRO.
 	Access, ROAccess *unixsock.Access
 	// ConsoleLog, when set, is the console log's path.
 	ConsoleLog string
@@ -125,7 +124,6 @@ func Open(cfg Config) (_ *Console, err error) {
 		return nil, err
 	}
 	if lu, ok := cfg.Upstream.(*proxy.ListenUpstream); ok {
-		lu.Socket, lu.Access = cfg.Socket, cfg.Access
 		if err := lu.Listen(); err != nil {
 			return nil, fmt.Errorf("--upstream: %w", err)
 		}

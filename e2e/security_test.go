@@ -133,10 +133,9 @@ func TestListenUpstreamRefusesAPeerThatIsNotAllowed(t *testing.T) {
 	client := dialUnix(t, sock)
 	vmm1.Close() // the VM restarts
 
-	// The intruder is accepted next, and refused.
-	if code := intruder.Wait(t); code != 0 {
-		t.Fatalf("intruder socat: exit %d: %s", code, intruder.Stderr)
-	}
+	// The intruder is accepted next, and refused: closed at once (its
+	// socat may fail writing its prompt into the closed connection).
+	intruder.Wait(t)
 	WaitFor(t, "the refusal in the daemon log", func() bool {
 		log := daemon.Stderr.String()
 		return strings.Contains(log, "VMM connection refused: access denied") && strings.Contains(log, "uid=65534")

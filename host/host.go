@@ -6,19 +6,19 @@
 // and comes back within RetireAfter is a VM restart (the same console
 // reconnects, and its clients stay); one missing for longer, or whose
 // client socket's directory is removed, is retired. A console that cannot
-// start is logged with its name and tried again when its directory
-// changes; no other console notices. Discovery goes through the process's
-// one inotify watcher, so its cost does not grow with the number of
-// consoles; it scans one name per event, not the whole pattern.
+// start is logged once with its name and tried again when its directory
+// changes (and on a backoff timer); no other console notices. Discovery
+// goes through the process's one inotify watcher and looks at one name per
+// event, so its cost does not grow with the number of consoles.
 package host
 
 import (
+	"cmp"
 	"context"
-	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -34,16 +34,25 @@ const (
 	DefaultRetireAfter = 30 * time.Second
 )
 
-// rescanInterval is how often the pattern is scanned afresh where inotify
-// cannot be had: the only case with a timer while nothing happens.
-const rescanInterval = time.Second
+// Timing of looks that no event brings. pollInterval: where a directory
+// cannot be watched (permission, the kernel's watch limit), it is looked at
+// this often instead. A console that failed to start is tried again after
+// retryMin, doubling to retryMax, or at the next change in its directory
+// if that comes later: a failure's own traces (its temporary files) must
+// not make it retry at once, over and over.
+const (
+	pollInterval = time.Second
+	retryMin     = time.Second
+	retryMax     = 30 * time.Second
+)
 
 // Config configures a Host. Zero fields mean the documented defaults.
 type Config struct {
 	Pattern Pattern
 	// Console returns the configuration of the console name, whose
-	// upstream is at path (the pattern's match). Required.
-	Console func(name, path string) console.Config
+	// upstream is at path (the pattern's match), or why it has none.
+	// Required.
+	Console func(name, path string) (console.Config, error)
 	// MaxConsoles bounds the consoles served at once, first come first
 	// served. Zero means DefaultMaxConsoles.
 	MaxConsoles int
@@ -63,31 +72,36 @@ type Host struct {
 	cfg Config
 	log hclog.Logger
 
-	// mu guards consoles and what the watch callbacks hand to the loop.
+	// mu guards what the watch callbacks hand to the loop, and consoles.
 	mu       sync.Mutex
 	consoles map[string]*console.Console // running, by name
-	dirty    map[string]struct{}         // names to look at again
+	dirty    map[string]bool             // names to look at again; true: its watches ended
 	dirtyAll bool                        // look at everything again
+	parent   func()                      // cancels the watch on Parent (or the way to it)
 	wake     chan struct{}               // one slot: dirty grew
 
-	parent func() // cancels the watch on Parent (or the way to it); guarded by mu
-
-	entries     map[string]*entry // owned by Run's goroutine
-	watchWarned bool              // that the parent cannot be watched
+	// Owned by Run's goroutine.
+	entries      map[string]*entry
+	parentPolled bool // the way to Parent cannot be watched
+	ctx          context.Context
+	running      sync.WaitGroup
+	ended        chan exited
 }
 
-// entry is a name the pattern matched, running or not.
+// entry is a name the pattern matched: its directory or its upstream
+// exists, or its console is still running.
 type entry struct {
 	name, path   string
-	c            *console.Console // nil while not running
-	run          bool             // c's Run was started
-	retiring     bool             // Retire was called; its Run is ending
-	missingSince time.Time        // zero while the match is there
-	startErr     string           // the last failure to start, logged once
-	overCap      bool             // left alone at MaxConsoles, logged once
-	unwatch      []func()         // its directory watches
-	watched      []string         // and what they watch
-	listenDirs   []string         // its client sockets' directories
+	seen         time.Time         // when first seen: --max-consoles' order
+	c            *console.Console  // running or retiring; nil otherwise
+	retiring     bool              // Retire was called; its Run is ending
+	missingSince time.Time         // zero while the match is there
+	listenDirs   []string          // its client sockets' directories
+	failures     int               // opens failed in a row (the first is logged)
+	retryAt      time.Time         // no open before this, after a failure
+	overCap      bool              // left alone at MaxConsoles, logged once
+	watches      map[string]func() // watched directory -> cancel
+	polled       bool              // a watch failed: looked at on the timer
 }
 
 // New returns a Host for cfg; it starts nothing.
@@ -106,9 +120,10 @@ func New(cfg Config) *Host {
 		cfg:      cfg,
 		log:      log.Named("host"),
 		consoles: make(map[string]*console.Console),
-		dirty:    make(map[string]struct{}),
+		dirty:    make(map[string]bool),
 		wake:     make(chan struct{}, 1),
 		entries:  make(map[string]*entry),
+		ended:    make(chan exited),
 	}
 }
 
@@ -120,18 +135,19 @@ func (h *Host) Consoles() []*console.Console {
 		cs = append(cs, c)
 	}
 	h.mu.Unlock()
-	sort.Slice(cs, func(i, j int) bool { return cs[i].Name() < cs[j].Name() })
+	slices.SortFunc(cs, func(a, b *console.Console) int { return cmp.Compare(a.Name(), b.Name()) })
 	return cs
 }
 
-// mark asks the loop to look at name again; "" means everything. It is
-// called from watch callbacks and never blocks.
-func (h *Host) mark(name string) {
+// mark asks the loop to look at name again ("" means everything); gone
+// says that one of its watched directories went, and its watches with it.
+// It is called from watch callbacks and never blocks.
+func (h *Host) mark(name string, gone bool) {
 	h.mu.Lock()
 	if name == "" {
 		h.dirtyAll = true
 	} else {
-		h.dirty[name] = struct{}{}
+		h.dirty[name] = h.dirty[name] || gone
 	}
 	h.mu.Unlock()
 	select {
@@ -151,8 +167,7 @@ type exited struct {
 // stops at once (each within its own budgets) and Run returns once all
 // have. It returns nil.
 func (h *Host) Run(ctx context.Context) error {
-	var running sync.WaitGroup
-	ended := make(chan exited)
+	h.ctx = ctx
 	defer func() {
 		h.dropParent()
 		for _, e := range h.entries {
@@ -160,151 +175,128 @@ func (h *Host) Run(ctx context.Context) error {
 		}
 		// The consoles see ctx and stop together; collect them all.
 		go func() {
-			running.Wait()
-			close(ended)
+			h.running.Wait()
+			close(h.ended)
 		}()
-		for range ended {
+		for range h.ended {
 		}
 	}()
-	start := func(e *entry) {
-		c := e.c
-		running.Go(func() {
-			// The loop, or after ctx is done the deferred collector,
-			// always receives.
-			ended <- exited{e.name, c, c.Run(ctx)}
-		})
-	}
 
-	h.watchParent()
-	h.mark("")
-	var retire *time.Timer
-	var retireC <-chan time.Time
+	h.mark("", false)
+	var timer *time.Timer
 	for {
-		// Look at what changed.
-		h.mu.Lock()
-		all, names := h.dirtyAll, h.dirty
-		h.dirtyAll, h.dirty = false, make(map[string]struct{})
-		h.mu.Unlock()
-		if all {
-			if !h.watchingParent() {
-				h.watchParent()
-			}
-			for _, n := range h.scan() {
-				names[n] = struct{}{}
-			}
-			for n := range h.entries {
-				names[n] = struct{}{}
-			}
-		}
-		for _, n := range sortedNames(names) {
-			if e := h.check(n); e != nil && e.c != nil && !e.run {
-				e.run = true
-				start(e)
-			}
-		}
-		// Arm the earliest retirement.
-		if retire != nil {
-			retire.Stop()
-			retire, retireC = nil, nil
-		}
-		if next, ok := h.nextRetirement(); ok {
-			retire = time.NewTimer(time.Until(next))
-			retireC = retire.C
-		}
-		var rescan <-chan time.Time
-		if !h.watchingParent() {
-			rescan = time.After(rescanInterval) // no inotify here
+		h.lookAgain()
+		var due <-chan time.Time
+		if next, ok := h.nextDeadline(); ok {
+			timer = time.NewTimer(time.Until(next))
+			due = timer.C
 		}
 		select {
 		case <-ctx.Done():
-			if retire != nil {
-				retire.Stop()
-			}
-			return nil
 		case <-h.wake:
-		case <-retireC:
-			retire = nil
-			h.retireDue()
-		case <-rescan:
-			h.mark("")
-		case x := <-ended:
+		case <-due:
+			h.timersDue()
+		case x := <-h.ended:
 			h.remove(x)
+		}
+		if timer != nil {
+			timer.Stop()
+			timer = nil
+		}
+		if ctx.Err() != nil {
+			return nil
 		}
 	}
 }
 
-func sortedNames(m map[string]struct{}) []string {
-	names := make([]string, 0, len(m))
-	for n := range m {
+// lookAgain looks at every name the watches marked, oldest entries first
+// so that consoles waiting for a slot get one in the order they came.
+func (h *Host) lookAgain() {
+	h.mu.Lock()
+	all, dirty := h.dirtyAll, h.dirty
+	h.dirtyAll, h.dirty = false, make(map[string]bool)
+	h.mu.Unlock()
+	if all {
+		if h.parent == nil {
+			h.watchParent()
+		}
+		for _, n := range append(h.scan(), slices.Collect(maps.Keys(h.entries))...) {
+			if _, ok := dirty[n]; !ok {
+				dirty[n] = false
+			}
+		}
+	}
+	names := make([]string, 0, len(dirty))
+	for n := range dirty {
 		names = append(names, n)
 	}
-	slices.Sort(names)
-	return names
+	seen := func(n string) time.Time {
+		if e := h.entries[n]; e != nil {
+			return e.seen
+		}
+		return time.Now()
+	}
+	slices.SortFunc(names, func(a, b string) int {
+		return cmp.Or(seen(a).Compare(seen(b)), cmp.Compare(a, b))
+	})
+	for _, n := range names {
+		if e := h.entries[n]; e != nil && dirty[n] {
+			e.unwatchAll() // its directory went: watch it again
+		}
+		h.check(n)
+	}
 }
 
 // watchParent watches the pattern's parent directory, or the nearest
 // existing directory on the way to it while it is missing.
 func (h *Host) watchParent() {
 	parent := h.cfg.Pattern.Parent
+	h.parentPolled = false
 	for {
-		dir := nearestExisting(parent)
-		if dir == "" || !h.watchDir(parent, dir) {
+		dir, _ := watch.NearestDir(parent)
+		if dir == "" {
+			h.parentPolled = true
 			return
 		}
+		cancel, err := h.cfg.Watcher.Watch(dir, func(e watch.Event) {
+			switch {
+			case e.Gone || e.Overflow || dir != parent:
+				// Gone, or a step on the way: watch again from wherever
+				// the way now ends.
+				h.dropParent() // the watcher calls back without its lock held
+				h.mark("", false)
+			default:
+				if name, ok := h.cfg.Pattern.Match(e.Name); ok {
+					h.mark(name, false)
+				}
+			}
+		})
+		if err != nil {
+			if !h.parentPolled {
+				h.log.Warn("cannot watch for consoles; looking every second", "dir", dir, "error", err)
+			}
+			h.parentPolled = true
+			return
+		}
+		h.mu.Lock()
+		h.parent = cancel
+		h.mu.Unlock()
 		// A directory on the way that appeared before the watch began
 		// sends no event: look again, from there.
-		if nearestExisting(parent) == dir {
+		if d, _ := watch.NearestDir(parent); d == dir {
 			return
 		}
 		h.dropParent()
 	}
 }
 
-// watchDir watches dir, the pattern's parent or the nearest existing
-// directory on the way to it, and reports whether it could.
-func (h *Host) watchDir(parent, dir string) bool {
-	cancel, err := h.cfg.Watcher.Watch(dir, func(e watch.Event) {
-		switch {
-		case e.Gone || e.Overflow:
-			h.dropParent()
-			h.mark("")
-		case dir != parent:
-			h.dropParent() // a step closer: watch again from there
-			h.mark("")
-		default:
-			if name, ok := h.cfg.Pattern.Match(e.Name); ok {
-				h.mark(name)
-			}
-		}
-	})
-	if err != nil {
-		if !h.watchWarned {
-			h.log.Warn("cannot watch for consoles; scanning every second", "dir", dir, "error", err)
-			h.watchWarned = true
-		}
-		return false
-	}
-	h.mu.Lock()
-	h.parent = cancel
-	h.mu.Unlock()
-	return true
-}
-
-func (h *Host) watchingParent() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.parent != nil
-}
-
-// dropParent forgets the parent's watch, from a callback; the loop
-// watches again when it looks at everything.
 func (h *Host) dropParent() {
 	h.mu.Lock()
 	cancel := h.parent
 	h.parent = nil
 	h.mu.Unlock()
 	if cancel != nil {
-		cancel() // the watcher calls back without its lock held
+		cancel()
 	}
 }
 
@@ -323,11 +315,11 @@ func (h *Host) scan() []string {
 	return names
 }
 
-// check brings name's entry up to date with the filesystem and returns it
-// (nil when there is none): a console is opened for a match that is there,
-// a missing match starts its retirement clock, and a running console whose
-// client socket directory is gone is retired at once.
-func (h *Host) check(name string) *entry {
+// check brings name's entry up to date with the filesystem: a console is
+// opened for a match that is there, a missing match starts its retirement
+// clock, and a running console whose client socket directory is gone is
+// retired at once.
+func (h *Host) check(name string) {
 	e := h.entries[name]
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
@@ -336,21 +328,20 @@ func (h *Host) check(name string) *entry {
 	element := present || exists(filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(name)))
 	if e == nil {
 		if !element {
-			return nil
+			return
 		}
-		e = &entry{name: name, path: path}
+		e = &entry{name: name, path: path, seen: time.Now()}
 		h.entries[name] = e
 	}
 	if e.retiring {
-		return e // looked at again once its Run has ended
+		return // looked at again once its Run has ended
 	}
-	h.rewatch(e)
 	if e.c != nil {
 		for _, d := range e.listenDirs {
 			if !isDir(d) {
 				h.log.Info("console retired: its socket directory is gone", "console", name, "dir", d)
-				h.retireEntry(e)
-				return e
+				h.retire(e)
+				return
 			}
 		}
 	}
@@ -360,21 +351,22 @@ func (h *Host) check(name string) *entry {
 			h.log.Info("console's upstream is back", "console", name, "missing_for", time.Since(e.missingSince).Round(time.Millisecond))
 		}
 		e.missingSince = time.Time{}
+	case present && time.Now().Before(e.retryAt):
+		// Failed a moment ago: the timer brings it back.
 	case present:
 		h.open(e)
 	case e.c == nil && !element:
 		e.unwatchAll()
 		delete(h.entries, name)
-	case e.c == nil:
-		// A directory without its socket yet: watched, nothing to run.
-	case e.missingSince.IsZero():
+		return
+	case e.c != nil && e.missingSince.IsZero():
 		e.missingSince = time.Now()
 	}
-	return e
+	h.rewatch(e)
 }
 
-// open starts a console for e, unless MaxConsoles are running or it cannot
-// start; either is logged once, and tried again at the next look.
+// open opens and runs a console for e, unless MaxConsoles are running or it
+// cannot start; either is logged once, and tried again later.
 func (h *Host) open(e *entry) {
 	h.mu.Lock()
 	n := len(h.consoles)
@@ -386,37 +378,48 @@ func (h *Host) open(e *entry) {
 		}
 		return
 	}
-	cfg := h.cfg.Console(e.name, e.path)
-	c, err := console.Open(cfg)
+	cfg, err := h.cfg.Console(e.name, e.path)
+	var c *console.Console
+	if err == nil {
+		c, err = console.Open(cfg)
+	}
 	if err != nil {
-		if msg := err.Error(); msg != e.startErr {
+		e.failures++
+		e.retryAt = time.Now().Add(min(retryMin<<(e.failures-1), retryMax))
+		if e.failures == 1 {
 			h.log.Error("console cannot start; trying again when its directory changes", "console", e.name, "error", err)
-			e.startErr = msg
+		} else {
+			h.log.Debug("console still cannot start", "console", e.name, "error", err, "attempts", e.failures)
 		}
 		return
 	}
-	e.c, e.startErr, e.overCap = c, "", false
+	e.c, e.failures, e.retryAt, e.overCap = c, 0, time.Time{}, false
 	e.listenDirs = nil
 	for _, p := range []string{cfg.Listen, cfg.ListenRO} {
 		if p != "" && !slices.Contains(e.listenDirs, filepath.Dir(p)) {
 			e.listenDirs = append(e.listenDirs, filepath.Dir(p))
 		}
 	}
-	h.rewatch(e)
 	h.mu.Lock()
 	h.consoles[e.name] = c
 	h.mu.Unlock()
 	h.log.Info("console attached", "console", e.name, "upstream", cfg.Upstream.String(), "listen", cfg.Listen)
+	h.running.Go(func() {
+		// The loop, or after ctx is done Run's deferred collector, always
+		// receives.
+		h.ended <- exited{e.name, c, c.Run(h.ctx)}
+	})
 }
 
-// rewatch points e's watches at what it must see: the way to its
-// upstream below the pattern's parent, and its client sockets'
-// directories (for their removal).
+// rewatch points e's watches at what it must see: the way to its upstream
+// below the pattern's parent (the parent's own watch sees the rest), and
+// its client sockets' directories, for their removal. A directory that
+// cannot be watched is looked at on the timer instead.
 func (h *Host) rewatch(e *entry) {
 	var want []string
 	if h.cfg.Pattern.Rest != "" {
 		top := filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(e.name))
-		if d := nearestExisting(filepath.Dir(e.path)); d != "" && strings.HasPrefix(d+"/", top+"/") {
+		if d, _ := watch.NearestDir(filepath.Dir(e.path)); d != "" && strings.HasPrefix(d+"/", top+"/") {
 			want = append(want, d)
 		}
 	}
@@ -425,57 +428,98 @@ func (h *Host) rewatch(e *entry) {
 			want = append(want, d)
 		}
 	}
-	if slices.Equal(e.watched, want) {
-		return
-	}
-	e.unwatchAll()
-	for _, d := range want {
-		name := e.name
-		cancel, err := h.cfg.Watcher.Watch(d, func(watch.Event) { h.mark(name) })
-		if err != nil {
-			continue // looked at again at the next event
+	for d, cancel := range e.watches {
+		if !slices.Contains(want, d) {
+			cancel()
+			delete(e.watches, d)
 		}
-		e.unwatch = append(e.unwatch, cancel)
-		e.watched = append(e.watched, d)
 	}
-	// What changed before the new watches began is seen by looking again.
-	h.mark(e.name)
+	e.polled = false
+	added := false
+	for _, d := range want {
+		if _, ok := e.watches[d]; ok {
+			continue
+		}
+		name := e.name
+		cancel, err := h.cfg.Watcher.Watch(d, func(ev watch.Event) {
+			// Hidden entries are the traces of socket creation (its
+			// private directories), ours or a failed attempt's.
+			if ev.Gone || ev.Overflow || !strings.HasPrefix(ev.Name, ".") {
+				h.mark(name, ev.Gone)
+			}
+		})
+		if err != nil {
+			e.polled = true
+			continue
+		}
+		if e.watches == nil {
+			e.watches = make(map[string]func())
+		}
+		e.watches[d] = cancel
+		added = true
+	}
+	if added {
+		// What changed before the new watches began is seen by looking
+		// again.
+		h.mark(e.name, false)
+	}
 }
 
 func (e *entry) unwatchAll() {
-	for _, c := range e.unwatch {
-		c()
+	for _, cancel := range e.watches {
+		cancel()
 	}
-	e.unwatch, e.watched = nil, nil
+	e.watches = nil
 }
 
-// nextRetirement returns when the next missing match is due to retire.
-func (h *Host) nextRetirement() (time.Time, bool) {
+// nextDeadline returns when the loop must look without an event: the next
+// retirement, the next retry of a console that failed, or the next poll.
+func (h *Host) nextDeadline() (time.Time, bool) {
 	var next time.Time
-	for _, e := range h.entries {
-		if e.c == nil || e.retiring || e.missingSince.IsZero() {
-			continue
+	at := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
 		}
-		if due := e.missingSince.Add(h.cfg.RetireAfter); next.IsZero() || due.Before(next) {
-			next = due
+	}
+	if h.parentPolled {
+		at(time.Now().Add(pollInterval))
+	}
+	for _, e := range h.entries {
+		switch {
+		case e.retiring:
+		case e.c != nil && !e.missingSince.IsZero():
+			at(e.missingSince.Add(h.cfg.RetireAfter))
+		case e.c == nil && !e.retryAt.IsZero():
+			at(e.retryAt)
+		}
+		if e.polled {
+			at(time.Now().Add(pollInterval))
 		}
 	}
 	return next, !next.IsZero()
 }
 
-// retireDue retires every console whose match has been missing for
-// RetireAfter.
-func (h *Host) retireDue() {
+// timersDue retires the consoles whose match has been missing for
+// RetireAfter and looks again at those whose time has come.
+func (h *Host) timersDue() {
 	now := time.Now()
+	if h.parentPolled {
+		h.mark("", false)
+	}
 	for _, e := range h.entries {
-		if e.c != nil && !e.retiring && !e.missingSince.IsZero() && !now.Before(e.missingSince.Add(h.cfg.RetireAfter)) {
+		switch {
+		case e.retiring:
+		case e.c != nil && !e.missingSince.IsZero() && !now.Before(e.missingSince.Add(h.cfg.RetireAfter)):
 			h.log.Info("console retired: its upstream has been missing", "console", e.name, "for", h.cfg.RetireAfter)
-			h.retireEntry(e)
+			h.retire(e)
+		case e.polled || (e.c == nil && !e.retryAt.IsZero() && !now.Before(e.retryAt)):
+			e.retryAt = time.Time{}
+			h.mark(e.name, false)
 		}
 	}
 }
 
-func (h *Host) retireEntry(e *entry) {
+func (h *Host) retire(e *entry) {
 	e.retiring = true
 	e.unwatchAll()
 	e.c.Retire()
@@ -496,10 +540,10 @@ func (h *Host) remove(x exited) {
 		e.unwatchAll()
 		delete(h.entries, x.name)
 	}
-	h.mark(x.name)
+	h.mark(x.name, false)
 	for n, e := range h.entries {
 		if e.overCap {
-			h.mark(n)
+			h.mark(n, false)
 		}
 	}
 }
@@ -512,26 +556,4 @@ func exists(path string) bool {
 func isDir(path string) bool {
 	fi, err := os.Stat(path)
 	return err == nil && fi.IsDir()
-}
-
-// nearestExisting returns path if it is a directory, else the deepest
-// existing directory on the way to it; "" when none can be seen.
-func nearestExisting(path string) string {
-	for d := filepath.Clean(path); ; d = filepath.Dir(d) {
-		fi, err := os.Stat(d)
-		if err == nil && fi.IsDir() {
-			return d
-		}
-		if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, os.ErrPermission) && !isNotDir(err) {
-			return ""
-		}
-		if filepath.Dir(d) == d {
-			return ""
-		}
-	}
-}
-
-func isNotDir(err error) bool {
-	var pe *os.PathError
-	return errors.As(err, &pe) && strings.Contains(pe.Err.Error(), "not a directory")
 }

@@ -159,14 +159,14 @@ func startHost(t *testing.T, parent string, adjust func(*Config)) *testHost {
 	w := watch.New()
 	cfg := Config{
 		Pattern: p,
-		Console: func(name, path string) console.Config {
+		Console: func(name, path string) (console.Config, error) {
 			return console.Config{
 				Name:     name,
 				Upstream: &proxy.UnixUpstream{Path: path},
 				Listen:   Expand("{dir}/console.sock", name, path),
 				Watcher:  w,
 				Logger:   log.With("console", name),
-			}
+			}, nil
 		},
 		Watcher: w,
 		Logger:  log,
@@ -390,9 +390,9 @@ func TestStopStopsEveryConsoleAtOnce(t *testing.T) {
 	}
 	w := watch.New()
 	defer w.Close()
-	h := New(Config{Pattern: p, Watcher: w, Console: func(name, path string) console.Config {
+	h := New(Config{Pattern: p, Watcher: w, Console: func(name, path string) (console.Config, error) {
 		return console.Config{Name: name, Upstream: &proxy.UnixUpstream{Path: path},
-			Listen: Expand("{dir}/console.sock", name, path), Watcher: w}
+			Listen: Expand("{dir}/console.sock", name, path), Watcher: w}, nil
 	}})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -413,5 +413,81 @@ func TestStopStopsEveryConsoleAtOnce(t *testing.T) {
 	// One after another they would take n budgets.
 	if took := time.Since(start); took >= (n-2)*console.DrainTimeout {
 		t.Errorf("stopping %d consoles took %v: not at once", n, took)
+	}
+}
+
+func TestMaxConsolesServesTheWaitingInTheOrderTheyCame(t *testing.T) {
+	parent := t.TempDir()
+	h := startHost(t, parent, func(c *Config) { c.MaxConsoles = 1; c.RetireAfter = 50 * time.Millisecond })
+	a := startVM(t, parent, "a")
+	waitFor(t, "a", a.connected)
+	z := startVM(t, parent, "z")
+	waitFor(t, "z to wait for a slot", func() bool { return strings.Count(h.logs.String(), "too many consoles") == 1 })
+	b := startVM(t, parent, "b")
+	waitFor(t, "b to wait for a slot", func() bool { return strings.Count(h.logs.String(), "too many consoles") == 2 })
+	a.kill()
+	waitFor(t, "the first to come to get the slot", z.connected)
+	if b.connected() {
+		t.Error("b, which came after z, was served too")
+	}
+}
+
+func TestAConsoleThatCannotStartDoesNotRetryInALoop(t *testing.T) {
+	parent := t.TempDir()
+	v := startVM(t, parent, "vm")
+	// Something in the way of the read-only socket: every attempt creates
+	// and removes the read-write socket (events in the VM's directory).
+	if err := os.WriteFile(filepath.Join(v.dir, "view.sock"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	attempts := 0
+	w := watch.New()
+	defer w.Close()
+	p, _ := ParsePattern(filepath.Join(parent, "*", "serial.sock"))
+	h := New(Config{Pattern: p, Watcher: w, Console: func(name, path string) (console.Config, error) {
+		mu.Lock()
+		attempts++
+		mu.Unlock()
+		return console.Config{Name: name, Upstream: &proxy.UnixUpstream{Path: path}, Watcher: w,
+			Listen: Expand("{dir}/console.sock", name, path), ListenRO: Expand("{dir}/view.sock", name, path)}, nil
+	}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.Run(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "the first attempt", func() bool { mu.Lock(); defer mu.Unlock(); return attempts > 0 })
+	// A second and a third come on the backoff timer, no sooner.
+	<-time.After(retryMin + retryMin/2)
+	mu.Lock()
+	defer mu.Unlock()
+	if attempts > 3 {
+		t.Errorf("%d attempts in %v, want at most 3: a failed start retries on its own traces", attempts, retryMin+retryMin/2)
+	}
+}
+
+func TestADirectoryReplacedQuicklyIsStillWatched(t *testing.T) {
+	parent := t.TempDir()
+	v := startVM(t, parent, "vm")
+	h := startHost(t, parent, func(c *Config) { c.RetireAfter = 300 * time.Millisecond })
+	c := attachClient(t, filepath.Join(v.dir, "console.sock"), "boot of vm\n")
+	// The VM restarts in a new directory of the same name, at once.
+	v.kill()
+	if err := os.RemoveAll(v.dir); err != nil {
+		t.Fatal(err)
+	}
+	readUntil(t, c, "[consoleproxy] console retired\r\n") // its socket directory went
+	v2 := startVM(t, parent, "vm")
+	waitFor(t, "the new console", v2.connected)
+	c2 := attachClient(t, filepath.Join(v2.dir, "console.sock"), "boot of vm\n")
+	// Past RetireAfter, the new console is still there and streaming.
+	<-time.After(600 * time.Millisecond)
+	v2.write(t, "still here\n")
+	readUntil(t, c2, "still here\n")
+	if got := h.names(); len(got) != 1 {
+		t.Errorf("consoles %q", got)
 	}
 }

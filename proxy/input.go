@@ -132,9 +132,12 @@ func (p *Proxy) dropQueuedInput() {
 	for _, c := range q {
 		p.discardedDown += uint64(len(c.b))
 	}
-	p.discardedDown += p.discardedFull
+	full := p.discardedFull
 	p.discardedFull = 0
 	p.inputMu.Unlock()
+	if full > 0 {
+		p.upLog.Info("upstream lost with its input queue full", "input_discarded", full)
+	}
 	for _, c := range q {
 		p.countInput(c, false)
 	}

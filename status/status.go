@@ -15,7 +15,14 @@ import (
 
 	"github.com/consoleproxy/consoleproxy/console"
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/warnlimit"
 	"github.com/hashicorp/go-hclog"
+)
+
+// Accept retry timing: soon at first, then no more than once a second.
+const (
+	minRetry = 10 * time.Millisecond
+	maxRetry = time.Second
 )
 
 // writeTimeout bounds the write of one document: a reader that does not
@@ -85,23 +92,34 @@ func NewDocument(version string, uptime time.Duration, consoles []console.Stats)
 
 // Serve answers every connection on ln with document() until ln is
 // closed; it returns nil then, after the last answer. A peer that access
-// refuses is closed without an answer. Serve takes ownership of ln.
+// refuses is closed without an answer. A failing accept (out of
+// descriptors) is retried, so that the status socket never ends the
+// process. Serve takes ownership of ln.
 func Serve(ln net.Listener, access *unixsock.Access, document func() Document, log hclog.Logger) error {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	denied := warnlimit.New(log, "status refused: access denied")
+	defer denied.Stop()
+	failing := warnlimit.New(log, "status socket: accept failed; retrying")
+	defer failing.Stop()
 	var answering sync.WaitGroup
 	defer answering.Wait()
+	delay := minRetry
 	for {
 		conn, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			return err
+		if errors.Is(err, net.ErrClosed) {
+			return nil
 		}
+		if err != nil {
+			failing.Warn("error", err, "delay", delay)
+			time.Sleep(delay)
+			delay = min(2*delay, maxRetry)
+			continue
+		}
+		delay = minRetry
 		if cred := unixsock.PeerCred(conn); !access.Allows(cred) {
-			log.Warn("status refused: access denied", "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
+			denied.Warn("pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid)
 			conn.Close()
 			continue
 		}

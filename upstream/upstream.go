@@ -410,6 +410,8 @@ func sleep(ctx context.Context, d time.Duration) bool {
 func drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, sink Sink, log hclog.Logger) string {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
+	// The sink first: once the log says connected, input reaches the VMM.
+	sink.Connected(conn)
 	if uc, ok := conn.(*net.UnixConn); ok {
 		// Whoever this is gets the console's keystrokes: say who.
 		cred := unixsock.PeerCred(uc)
@@ -417,7 +419,6 @@ func drain(ctx context.Context, conn io.ReadWriteCloser, buf []byte, sink Sink, 
 	} else {
 		log.Info("upstream connected")
 	}
-	sink.Connected(conn)
 	var err error
 	for {
 		var n int

@@ -2,8 +2,6 @@ package upstream
 
 import (
 	"context"
-	"errors"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -125,17 +123,9 @@ func (w *pathWatch) wait(ctx context.Context, timeout time.Duration, before path
 // and the name in it that leads to path (path's own base name when its
 // directory exists). It returns "" when not even the root can be seen.
 func nearestExisting(path string) (dir, name string) {
-	name = filepath.Base(path)
-	for dir = filepath.Dir(path); ; dir, name = filepath.Dir(dir), filepath.Base(dir) {
-		fi, err := os.Stat(dir)
-		if err == nil && fi.IsDir() {
-			return dir, name
-		}
-		if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTDIR) {
-			return "", ""
-		}
-		if parent := filepath.Dir(dir); parent == dir {
-			return "", ""
-		}
+	dir, name = watch.NearestDir(filepath.Dir(path))
+	if dir != "" && name == "" {
+		name = filepath.Base(path)
 	}
+	return dir, name
 }

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"unsafe"
 
@@ -259,4 +260,23 @@ func (w *Watcher) Instances() int {
 		return 0
 	}
 	return 1
+}
+
+// NearestDir returns path if it is a directory, else its deepest existing
+// ancestor, with next, the entry of that ancestor on the way to path (""
+// when dir is path itself). A watch on dir sees what must happen next for
+// path to exist. dir is "" when not even the root can be seen.
+func NearestDir(path string) (dir, next string) {
+	for dir = filepath.Clean(path); ; dir, next = filepath.Dir(dir), filepath.Base(dir) {
+		fi, err := os.Stat(dir)
+		if err == nil && fi.IsDir() {
+			return dir, next
+		}
+		if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTDIR) {
+			return "", ""
+		}
+		if filepath.Dir(dir) == dir {
+			return "", ""
+		}
+	}
 }

@@ -345,6 +345,7 @@ func parseUpstreamOrPattern(spec string, o *options) error {
 func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter string) error {
 	paths := []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--console-log", o.consoleLog}}
 	if o.pattern == nil {
+		paths = append(paths, struct{ flag, path string }{"--status", o.status})
 		for _, p := range paths {
 			if host.HasPlaceholder(p.path) {
 				return usagef("%s: {name} and {dir} need an --upstream pattern with a '*'", p.flag)
@@ -357,9 +358,20 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		}
 		return nil
 	}
+	if host.HasPlaceholder(o.status) {
+		return usagef("--status: {name} and {dir} have no meaning there: one status socket serves every console")
+	}
 	for _, p := range paths {
-		if p.path != "" && !host.HasPlaceholder(p.path) {
+		if p.path == "" {
+			continue
+		}
+		if !host.HasPlaceholder(p.path) {
 			return usagef("%s: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own", p.flag)
+		}
+		// With the '*' in the last element every match has the same
+		// directory: only {name} tells the consoles apart.
+		if o.pattern.Rest == "" && !strings.Contains(p.path, "{name}") {
+			return usagef("%s: must hold {name}: every match of %s is in the same directory", p.flag, o.pattern)
 		}
 	}
 	if o.exitWithUpstream {

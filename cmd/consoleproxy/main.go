@@ -173,10 +173,14 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 	if o.pattern != nil {
 		h := host.New(host.Config{
 			Pattern: *o.pattern,
-			Console: func(name, path string) console.Config {
-				// The kind was checked with the pattern: unix: or pty:.
-				up, _ := upstream.ParseUpstream(o.upstreamKind + ":" + path)
-				return consoleConfig(name, up, path)
+			Console: func(name, path string) (console.Config, error) {
+				// The kind was checked with the pattern; the path, too
+				// long for a socket say, only now.
+				up, err := upstream.ParseUpstream(o.upstreamKind + ":" + path)
+				if err != nil {
+					return console.Config{}, err
+				}
+				return consoleConfig(name, up, path), nil
 			},
 			MaxConsoles: o.maxConsoles,
 			RetireAfter: o.retireAfter,
@@ -188,6 +192,10 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 		log.Info("started", "version", versionString(), "pattern", o.upstreamKind+":"+o.pattern.String(),
 			"listen", o.listen, "listen_ro", o.listenRO, "buffer_size", o.bufferSize, "max_consoles", o.maxConsoles)
 	} else {
+		if lu, ok := o.upstream.(*upstream.ListenUpstream); ok {
+			// Whoever connects there is the VMM: the client rules apply.
+			lu.Socket, lu.Access = o.socket, access
+		}
 		// Bound and opened before anything runs, so that a socket or a log
 		// in the way fails the start instead of a running daemon.
 		c, err := console.Open(consoleConfig("", o.upstream, ""))
@@ -252,7 +260,8 @@ func reopenLogs(log hclog.Logger, consoles []*console.Console) {
 			clog = log.With("console", c.Name())
 		}
 		switch err := c.ReopenLog(); {
-		case errors.Is(err, console.ErrNoLog):
+		case errors.Is(err, console.ErrNoLog), errors.Is(err, os.ErrClosed):
+			// No log, or a console retiring: its log is closing.
 		case err != nil:
 			clog.Error("reopen console log", "error", err)
 		default:
