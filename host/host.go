@@ -313,8 +313,11 @@ func (h *Host) check(name string) *entry {
 	e := h.entries[name]
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
+	// A VMM creates its socket in a directory made for the VM, often a
+	// moment later: a match's directory is watched until it is there.
+	awaited := !present && h.awaited(name)
 	if e == nil {
-		if !present {
+		if !present && !awaited {
 			return nil
 		}
 		e = &entry{name: name, path: path}
@@ -324,6 +327,9 @@ func (h *Host) check(name string) *entry {
 		return e // looked at again once its Run has ended
 	}
 	h.rewatch(e)
+	if !present && exists(path) {
+		present = true // it came before the watch: no event tells of it
+	}
 	if e.c != nil {
 		for _, d := range e.listenDirs {
 			if !isDir(d) {
@@ -341,6 +347,8 @@ func (h *Host) check(name string) *entry {
 		e.missingSince = time.Time{}
 	case present:
 		h.open(e)
+	case e.c == nil && awaited:
+		// Its watch tells when the upstream appears.
 	case e.c == nil:
 		e.unwatchAll()
 		delete(h.entries, name)
@@ -348,6 +356,12 @@ func (h *Host) check(name string) *entry {
 		e.missingSince = time.Now()
 	}
 	return e
+}
+
+// awaited reports whether name's upstream, below the pattern's element,
+// may yet appear: the element is a directory.
+func (h *Host) awaited(name string) bool {
+	return h.cfg.Pattern.Rest != "" && isDir(filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(name)))
 }
 
 // open starts a console for e, unless MaxConsoles are running or it cannot
