@@ -562,3 +562,89 @@ func TestHostChurnAttachesAndRetiresEveryVM(t *testing.T) {
 	figure(t, "the status document, sampled every 20 ms, listed a removed VM's console at most %s after its directory went; load average %s before the churn, %s after (2 shared cores)",
 		msf(max(statusLate, 0)), load, loadAverage())
 }
+
+// TestHostConsoleThatCannotStartIsSkipped puts a regular file where a
+// console's client socket goes: that console is logged with its name and
+// skipped while the others work, and starts once the file is removed.
+func TestHostConsoleThatCannotStartIsSkipped(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "vms")
+	vmms := map[string]*vmm{}
+	newVM := func(name string, inTheWay bool) {
+		dir := filepath.Join(root, name)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if inTheWay {
+			if err := os.WriteFile(filepath.Join(dir, "console.sock"), []byte("not a socket\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		vmms[name] = startVMM(t, filepath.Join(dir, "serial.sock"))
+	}
+	// b is in the way from the start; d, which appears later, too.
+	newVM("a", false)
+	newVM("b", true)
+	d := startHostDaemon(t, root)
+	newVM("c", false)
+	newVM("d", true)
+
+	cannot := func(name string) int {
+		n := 0
+		for _, l := range strings.Split(d.Stderr.String(), "\n") {
+			if strings.Contains(l, "console cannot start") && strings.Contains(l, "console="+name+" ") &&
+				strings.Contains(l, filepath.Join(root, name, "console.sock")) {
+				n++
+			}
+		}
+		return n
+	}
+	e2e.WaitFor(t, "b and d to be logged as unable to start", func() bool { return cannot("b") == 1 && cannot("d") == 1 })
+	// The others work: attached, their bytes through.
+	clients := map[string]*client{}
+	for _, name := range []string{"a", "c"} {
+		conn := vmms[name].waitConn(t)
+		clients[name] = attach(t, filepath.Join(root, name, "console.sock"), 0)
+		conn.Write(pattern(0, 64<<10))
+		clients[name].reached(t, name+"'s output", 64<<10)
+	}
+	if got := d.names(t); !slices.Equal(got, []string{"a", "c"}) {
+		t.Errorf("status lists %q, want a and c", got)
+	}
+	for _, name := range []string{"b", "d"} {
+		if b, err := os.ReadFile(filepath.Join(root, name, "console.sock")); string(b) != "not a socket\n" {
+			t.Errorf("the file in %s's way was changed: %q, %v", name, b, err)
+		}
+	}
+	// Another change in b's directory: tried again, still in the way,
+	// not logged again. Then the files go: b and d start.
+	os.WriteFile(filepath.Join(root, "b", "unrelated"), nil, 0o644)
+	for _, name := range []string{"b", "d"} {
+		os.Remove(filepath.Join(root, name, "console.sock"))
+		conn := vmms[name].waitConn(t)
+		cl := attach(t, filepath.Join(root, name, "console.sock"), 0)
+		conn.Write(pattern(0, 64<<10))
+		cl.reached(t, name+"'s output once the file is gone", 64<<10)
+	}
+	if got := d.names(t); !slices.Equal(got, []string{"a", "b", "c", "d"}) {
+		t.Errorf("status lists %q, want a to d", got)
+	}
+	// Nothing disturbed the others: still streaming, every byte, one
+	// connection each.
+	for _, name := range []string{"a", "c"} {
+		vmms[name].waitConn(t).Write(pattern(64<<10, 64<<10))
+		clients[name].reached(t, name+"'s later output", 128<<10)
+		_, notices, announced, err, eof := clients[name].state()
+		if err != nil || eof != nil || announced != 0 || !slices.Equal(notices, []string{"upstream connected"}) {
+			t.Errorf("%s: notices %q, %d announced lost, %v, %v", name, notices, announced, err, eof)
+		}
+	}
+	select {
+	case <-d.Done:
+		t.Fatalf("the daemon exited; stderr:\n%s", d.Stderr)
+	default:
+	}
+	if cannot("b") != 1 || cannot("d") != 1 {
+		t.Errorf("logged %d and %d times that b and d cannot start, want once each:\n%s", cannot("b"), cannot("d"), d.Stderr)
+	}
+	figure(t, "a regular file where 2 of 4 consoles' sockets go (one there at start, one appearing later): each logged once with its name and skipped, the other 2 streamed on untouched; each started when its file was removed")
+}
