@@ -113,13 +113,15 @@ func unixSocketsUnder(t *testing.T, dir string) []string {
 
 // How a churning VM goes away.
 const (
-	endRemoveDir      = iota // rm -rf of its directory while its VMM runs
-	endVMMThenDir            // the VMM exits (its socket with it), then rm -rf
-	endVMMDirStays           // the VMM exits; the directory stays: --retire-after
-	endKinds                 // how many
-	churnRetireAfter  = time.Second
-	churnBannerPrefix = "boot banner of "
+	endRemoveDir   = iota // rm -rf of its directory while its VMM runs
+	endVMMThenDir         // the VMM exits (its socket with it), then rm -rf
+	endVMMDirStays        // the VMM exits; the directory stays: --retire-after
+	endKinds              // how many
 )
+
+// churnRetireAfter is the churn's --retire-after: short, so that VMs left
+// to it retire within the test.
+const churnRetireAfter = time.Second
 
 // churnVM is a short-lived VM with Cloud Hypervisor's semantics: one
 // client, and the socket file goes with the VMM. Its life runs in one
@@ -137,7 +139,7 @@ type churnVM struct {
 	err     error
 }
 
-func (v *churnVM) banner() string { return churnBannerPrefix + v.name + "\n" }
+func (v *churnVM) banner() string { return "boot banner of " + v.name + "\n" }
 
 // live runs the VM: listen, wait for the proxy, write the banner, check
 // that a client gets it as the replay and that the status document shows
