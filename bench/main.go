@@ -3,6 +3,7 @@
 // markdown table and an SVG plot.
 //
 //	go run . [-quick] [-out DIR]      (from bench/, or: make bench)
+//	go run . -only host               (host mode alone: results-host.md)
 //
 // It is not part of go test's pass/fail: these machines are shared and
 // noisy, so it reports figures and ratios from one run.
@@ -27,7 +28,7 @@ var (
 	quick  = flag.Bool("quick", false, "shorter runs")
 	outDir = flag.String("out", ".", "where results.md and results.svg go")
 	binary = flag.String("binary", "", "consoleproxy to measure (default: build ../cmd/consoleproxy)")
-	only   = flag.String("only", "", "run only the scenarios whose name contains this (\"idle\" for idle CPU and RSS), print them, and stop")
+	only   = flag.String("only", "", "run only the scenarios whose name contains this (\"idle\" for idle CPU and RSS, \"host\" for host mode against one process per console), print them, and stop")
 )
 
 func main() {
@@ -80,6 +81,9 @@ func main() {
 	rows = append(rows, noStuck, stuck)
 
 	if *only != "" {
+		if strings.Contains("host mode", *only) {
+			writeHost(hostMode())
+		}
 		if strings.Contains("idle and memory", *only) {
 			idleTicks, rss0, rss100, rss1000 := idleAndMemory()
 			fmt.Printf("idle: %d ticks; RSS %s, %s, %s with 0, 100, 1000 idle clients (%.1f KiB per extra idle client)\n",
@@ -111,6 +115,18 @@ func main() {
 	fmt.Print(report.String())
 	check(os.WriteFile(filepath.Join(*outDir, "results.md"), []byte(report.String()), 0o644))
 	check(os.WriteFile(filepath.Join(*outDir, "results.svg"), plot(curve, direct, socat), 0o644))
+
+	// 6. Host mode: many consoles in one process, against one process
+	// per console. Its own file: it is run on its own too (-only host).
+	writeHost(hostMode())
+}
+
+// writeHost prints the host-mode figures and writes them to
+// results-host.md.
+func writeHost(f hostFigures) {
+	r := f.report()
+	fmt.Print(r)
+	check(os.WriteFile(filepath.Join(*outDir, "results-host.md"), []byte(r), 0o644))
 }
 
 // roundFor keeps the lossless run at N=1000 within a few seconds.

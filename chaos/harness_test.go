@@ -185,6 +185,7 @@ func (d *daemon) rssKiB(t testing.TB) int {
 // loss notice whose count is exactly the bytes skipped.
 type checker struct {
 	next      uint64 // the offset the next pattern line must hold
+	first     uint64 // the offset the first pattern line held
 	started   bool
 	pending   uint64 // bytes a notice announced that the next line must skip
 	partial   []byte
@@ -236,6 +237,7 @@ func (c *checker) write(b []byte) {
 		switch {
 		case !c.started:
 			c.started = true
+			c.first = off
 		case off != c.next+c.pending:
 			c.err = fmt.Errorf("at %d: line holds %d, notices announced %d skipped bytes", c.next, off, c.pending)
 			return
