@@ -357,6 +357,9 @@ func parseUpstreamOrPattern(spec string, o *options) error {
 // one they mean nothing, and neither do the host-mode flags.
 func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter string) error {
 	paths := []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--console-log", o.consoleLog}}
+	if host.HasPlaceholder(o.status) {
+		return usagef("--status: one status socket serves every console; it takes no {name} or {dir}")
+	}
 	if o.pattern == nil {
 		for _, p := range paths {
 			if host.HasPlaceholder(p.path) {
@@ -373,6 +376,10 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 	for _, p := range paths {
 		if p.path != "" && !host.HasPlaceholder(p.path) {
 			return usagef("%s: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own", p.flag)
+		}
+		// /srv/consoles/vm-*.sock: every console's {dir} is /srv/consoles.
+		if p.path != "" && o.pattern.Rest == "" && !strings.Contains(p.path, "{name}") {
+			return usagef("%s: the '*' is in the socket's own name, so {dir} is the same for every console: it must hold {name}", p.flag)
 		}
 	}
 	if o.exitWithUpstream {

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -64,7 +66,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", long}, "--listen: socket path"},
 		{[]string{"--upstream", up, "--listen", ln, "--listen-ro", long}, "--listen-ro: socket path"},
 		{[]string{"--upstream", up, "--listen", ln, "--listen-ro", ln}, "must differ"},
-		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2K"}, "outside 4KiB to 1GiB"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2K"}, "--buffer-size: 2K is outside 4KiB to 1GiB"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2GiB"}, "outside 4KiB to 1GiB"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "12QB"}, "unknown unit"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "-5"}, "not a size"},
@@ -338,4 +340,94 @@ func TestAttachFlagsAnywhere(t *testing.T) {
 	if err != nil || a.opts.Socket != "--read-only" || a.opts.ReadOnly {
 		t.Errorf("after --: %+v, %v", a, err)
 	}
+}
+
+// TestHostModeUsageErrors: what the arguments alone show about a pattern
+// and the host-mode flags is a one-line usage error, exit 2, and nothing
+// is created, even with a match of the pattern waiting.
+func TestHostModeUsageErrors(t *testing.T) {
+	root := t.TempDir()
+	vm1 := filepath.Join(root, "vms", "vm1")
+	if err := os.MkdirAll(vm1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	serial, err := net.Listen("unix", filepath.Join(vm1, "serial.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer serial.Close()
+	pattern := "unix:" + filepath.Join(root, "vms", "*", "serial.sock")
+	flat := "unix:" + filepath.Join(root, "vms", "vm-*.sock") // the '*' in the socket's own name
+	single := "unix:" + filepath.Join(vm1, "serial.sock")
+	listen := "{dir}/console.sock"
+	status := filepath.Join(root, "status.sock")
+	before := tree(t, root)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		// With a pattern, every console's own paths need {name} or {dir}.
+		{[]string{"--upstream", pattern, "--listen", filepath.Join(root, "console.sock")},
+			"--listen: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--listen-ro", filepath.Join(root, "ro.sock")},
+			"--listen-ro: with an --upstream pattern it must hold {name} or {dir}"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--console-log", filepath.Join(root, "console.log")},
+			"--console-log: with an --upstream pattern it must hold {name} or {dir}"},
+		// Where the '*' is in the socket's own name, {dir} is one directory
+		// for every console.
+		{[]string{"--upstream", flat, "--listen", listen},
+			"--listen: the '*' is in the socket's own name, so {dir} is the same for every console: it must hold {name}"},
+		{[]string{"--upstream", flat, "--listen", "{dir}/{name}.console", "--console-log", "{dir}/console.log"},
+			"--console-log: the '*' is in the socket's own name"},
+		// Without a pattern, {name} and {dir} mean nothing.
+		{[]string{"--upstream", single, "--listen", "{dir}/console.sock"}, "--listen: {name} and {dir} need an --upstream pattern with a '*'"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--listen-ro", "/run/{name}.sock"}, "--listen-ro: {name} and {dir} need an --upstream pattern"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--console-log", "/var/log/{name}.log"}, "--console-log: {name} and {dir} need an --upstream pattern"},
+		// One status socket serves every console, in either mode.
+		{[]string{"--upstream", pattern, "--listen", listen, "--status", "{dir}/status.sock"}, "--status: one status socket serves every console; it takes no {name} or {dir}"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--status", "/run/{name}.sock"}, "--status: one status socket serves every console"},
+		// A pattern needs unix: or pty:, and one '*'.
+		{[]string{"--upstream", "tcp:*:4555", "--listen", listen}, `--upstream: "tcp:*:4555": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", "listen:" + root + "/vms/*/serial.sock", "--listen", listen}, `--upstream: "listen:` + root + `/vms/*/serial.sock": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", root + "/vms/*/serial.sock", "--listen", listen}, `--upstream: "` + root + `/vms/*/serial.sock": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", "unix:" + root + "/*/*.sock", "--listen", listen}, "--upstream: " + root + "/*/*.sock has 2 '*'; a pattern has one"},
+		// Host mode serves consoles as they come and go.
+		{[]string{"--upstream", pattern, "--listen", listen, "--exit-with-upstream"}, "--exit-with-upstream does not go with an --upstream pattern"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--max-consoles", "0"}, `--max-consoles: "0" is not a whole number of at least 1`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--max-consoles", "x"}, `--max-consoles: "x" is not a whole number of at least 1`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "-1s"}, `--retire-after: "-1s" is not a positive duration such as 30s or 2m`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "soon"}, `--retire-after: "soon" is not a positive duration`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "0"}, `--retire-after: "0" is not a positive duration`},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--max-consoles", "8"}, "--max-consoles needs an --upstream pattern with a '*'"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--retire-after", "1m"}, "--retire-after needs an --upstream pattern with a '*'"},
+		// Flags that stop a start stop host mode too, before anything is
+		// created.
+		{[]string{"--upstream", pattern, "--listen", listen, "--status", status, "--buffer-size", "2K"}, "--buffer-size: 2K is outside 4KiB to 1GiB"},
+	} {
+		// The real process, so that a case that is not refused shows as
+		// a daemon that does not exit, not as a test that hangs.
+		d := startDaemon(t, tc.args...)
+		code := d.exitCode(t)
+		msg := d.stderr.String()
+		if code != 2 || !strings.HasPrefix(msg, "consoleproxy: "+tc.want) || strings.Count(msg, "\n") != 1 {
+			t.Errorf("%q: exit %d, stderr %q; want exit 2 and one line starting %q", tc.args, code, msg, "consoleproxy: "+tc.want)
+		}
+		if after := tree(t, root); !slices.Equal(after, before) {
+			t.Fatalf("%q created files: before %q, after %q", tc.args, before, after)
+		}
+	}
+}
+
+// tree lists every path below root, sorted.
+func tree(t *testing.T, root string) []string {
+	t.Helper()
+	var paths []string
+	err := filepath.WalkDir(root, func(path string, _ fs.DirEntry, err error) error {
+		paths = append(paths, path)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return paths
 }
