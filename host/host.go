@@ -314,11 +314,14 @@ func (h *Host) check(name string) *entry {
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
 	if e == nil {
-		if !present {
+		if !present && !h.awaited(name) {
 			return nil
 		}
 		e = &entry{name: name, path: path}
 		h.entries[name] = e
+		if !present {
+			h.log.Debug("waiting for the console's upstream to appear", "console", name, "path", path)
+		}
 	}
 	if e.retiring {
 		return e // looked at again once its Run has ended
@@ -341,6 +344,9 @@ func (h *Host) check(name string) *entry {
 		e.missingSince = time.Time{}
 	case present:
 		h.open(e)
+	case e.c == nil && h.awaited(name):
+		// Its directory is there and its socket is not yet: rewatch
+		// watches the way to it.
 	case e.c == nil:
 		e.unwatchAll()
 		delete(h.entries, name)
@@ -348,6 +354,14 @@ func (h *Host) check(name string) *entry {
 		e.missingSince = time.Now()
 	}
 	return e
+}
+
+// awaited reports whether name's upstream is waited for without a console:
+// the pattern's "*" names a directory (/run/vms/*/serial.sock), it exists,
+// and the socket is not yet in it. A VM's directory comes first and its
+// VMM creates the socket later; only a watch inside the directory sees it.
+func (h *Host) awaited(name string) bool {
+	return h.cfg.Pattern.Rest != "" && isDir(filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(name)))
 }
 
 // open starts a console for e, unless MaxConsoles are running or it cannot
@@ -415,6 +429,8 @@ func (h *Host) rewatch(e *entry) {
 		e.unwatch = append(e.unwatch, cancel)
 		e.watched = append(e.watched, d)
 	}
+	// What changed before the watches began is not reported: look again.
+	h.mark(e.name)
 }
 
 func (e *entry) unwatchAll() {
