@@ -24,8 +24,15 @@ func startNamedGuest(t *testing.T, name, serial string) *Proc {
 		"-chardev", "socket,id=s0,path="+serial+",server=on,wait=off", "-serial", "chardev:s0")
 }
 
-// cmdlineRE finds the guest's name in the kernel's "Command line:" line.
-var cmdlineRE = regexp.MustCompile(`Command line: [^\n]*vmname=(vm\d+)`)
+// cmdlineRE finds the guest's name where the kernel prints its command
+// line: three times in a boot ("Command line:", "Kernel command line:",
+// and among the parameters passed to user space). A test may rely on
+// some of them only: the kernel writes its early messages to the 16550
+// by polling with a short timeout, and on a loaded machine QEMU's socket
+// falls behind a burst of one-byte writes and the guest overwrites a few
+// bytes (seen here with socat as the only reader, never with -serial
+// file:). What user space writes goes through the tty and is not lost.
+var cmdlineRE = regexp.MustCompile(`vmname=(vm\d+)`)
 
 const retiredNotice = "[consoleproxy] console retired\r\n"
 
@@ -78,7 +85,8 @@ func TestQEMUHostModeThreeGuests(t *testing.T) {
 
 	// A late client, found by name in the status document, gets its own
 	// guest's boot replayed: the kernel's start, its command line naming
-	// this guest and no other, the banner, the prompt.
+	// this guest (at least once; see cmdlineRE) and no other, the banner,
+	// the prompt.
 	for _, name := range names {
 		late := Start(t, nil, binary, "attach", "--status", status, "--read-only", "--until", guestPrompt, "--timeout", "60s", name)
 		if code := late.Wait(t); code != 0 {
@@ -94,7 +102,7 @@ func TestQEMUHostModeThreeGuests(t *testing.T) {
 			seen = append(seen, m[1])
 		}
 		if len(seen) == 0 || slices.ContainsFunc(seen, func(s string) bool { return s != name }) {
-			t.Errorf("%s: the replay's kernel command lines name %q, want %s alone", name, seen, name)
+			t.Errorf("%s: the replay's kernel command lines name %q, want %s alone; the replay begins %q", name, seen, name, out[:min(len(out), 1000)])
 		}
 	}
 
