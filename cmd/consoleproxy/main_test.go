@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/goleak"
 )
@@ -430,4 +431,61 @@ func tree(t *testing.T, root string) []string {
 		t.Fatal(err)
 	}
 	return paths
+}
+
+// TestHelpFitsAndTeachesHostMode: --help fits an 80-column terminal,
+// names every host-mode flag and placeholder, and its examples are
+// command lines that parse.
+func TestHelpFitsAndTeachesHostMode(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := runMain([]string{"--help"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	help := stdout.String()
+	for i, line := range strings.Split(help, "\n") {
+		if n := utf8.RuneCountInString(line); n > 80 {
+			t.Errorf("--help line %d is %d columns: %q", i+1, n, line)
+		}
+	}
+	for _, want := range []string{"--max-consoles N", "--retire-after DURATION", "--status PATH", "{name}", "{dir}", "unix:/run/vms/*/serial.sock"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("--help does not mention %s", want)
+		}
+	}
+	// The examples: lines that start a consoleproxy command, with their
+	// continuations, split as a shell would split these (single quotes).
+	_, examples, _ := strings.Cut(help, "\nExamples:\n")
+	examples = strings.ReplaceAll(examples, "\\\n", " ")
+	seen := map[string]bool{}
+	for _, line := range strings.Split(examples, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "consoleproxy ") {
+			continue
+		}
+		line, _, _ = strings.Cut(line, "  (") // a trailing remark
+		var args []string
+		for i, part := range strings.Split(line, "'") {
+			if i%2 == 1 {
+				args = append(args, part) // quoted
+				continue
+			}
+			args = append(args, strings.Fields(part)...)
+		}
+		args = args[1:]
+		var err error
+		if args[0] == "attach" {
+			_, err = parseAttachArgs(args[1:])
+			seen["attach"] = true
+		} else {
+			var o *options
+			o, err = parseArgs(args)
+			seen[fmt.Sprint(err == nil && o.pattern != nil)] = true
+		}
+		if err != nil {
+			t.Errorf("the example %q does not parse: %v", line, err)
+		}
+	}
+	if !seen["true"] || !seen["false"] || !seen["attach"] {
+		t.Errorf("--help's examples want one console, host mode and attach; saw %v", seen)
+	}
 }
