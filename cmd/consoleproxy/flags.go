@@ -66,68 +66,107 @@ type options struct {
 }
 
 const usageText = `Usage: consoleproxy --upstream SPEC --listen PATH [flags]
-       consoleproxy attach [flags] SOCKET   a console client (see consoleproxy attach --help)
+       consoleproxy attach [flags] SOCKET|NAME
+                     a console client (see consoleproxy attach --help)
 
 consoleproxy owns a virtual machine's serial console socket, which the VMM
 serves to one client at a time, and re-exports it to many clients at once.
 Every client first receives the recent history (the replay), then live
 output; keystrokes from read-write clients go to the VM. The VM never waits
-for a client: one that falls a whole buffer behind is told how many bytes it
-missed.
+for a client: one that falls a whole buffer behind is told how many bytes
+it missed. With a '*' in --upstream, one process serves every VM on a host.
 
 Upstream (where the console comes from):
-  --upstream SPEC          unix:PATH      connect to the VMM's socket (Cloud Hypervisor
-                                          --serial socket=PATH, QEMU -chardev socket,server=on)
-                           pty:PATH       open a PTY or a symlink to one, in raw mode
-                                          (QEMU -serial pty, Cloud Hypervisor --serial pty)
-                           listen:PATH    listen for the VMM to connect, one at a time
-                                          (QEMU -chardev socket,server=off)
-                           tcp:HOST:PORT  connect over TCP
-                           Every kind reconnects forever. A bare PATH is accepted when it
-                           exists: a socket means unix:, a character device pty:.
-  --exit-with-upstream     exit 0 when the upstream closes instead of reconnecting
+  --upstream SPEC          one of:
+    unix:PATH              connect to the VMM's socket (Cloud Hypervisor
+                           --serial socket=PATH, QEMU -chardev
+                           socket,server=on)
+    pty:PATH               open a PTY or a symlink to one, in raw mode
+                           (QEMU -serial pty, Cloud Hypervisor --serial pty)
+    listen:PATH            listen for the VMM to connect, one at a time
+                           (QEMU -chardev socket,server=off)
+    tcp:HOST:PORT          connect over TCP
+                           Every kind reconnects forever. A bare PATH is
+                           accepted when it exists: a socket means unix:, a
+                           character device pty:.
+  --exit-with-upstream     exit 0 when the upstream closes instead of
+                           reconnecting
 
 Client sockets:
   --listen PATH            read-write client socket (required)
-  --listen-ro PATH         read-only client socket: output only, input discarded
-  --socket-mode MODE       octal mode of the client sockets and of a listen: socket
-                           (default 0600)
+  --listen-ro PATH         read-only client socket: output only, input
+                           discarded
+  --socket-mode MODE       octal mode of the client sockets, the status
+                           socket and a listen: socket (default 0600)
   --socket-group GROUP     group name or gid of those sockets
   --max-clients N          clients across both sockets (default 64)
-  --allow-uid LIST         comma list of users (names or uids) allowed to connect
-  --allow-gid LIST         comma list of groups (names or gids) allowed to connect;
-                           with either, a client whose uid or primary gid (from the
-                           kernel, SO_PEERCRED) matches neither is refused; root always
-                           may. Without both, the socket mode alone decides. They
-                           also apply to a listen: upstream, where the proxy's own
-                           user may connect too: whoever connects there is the VMM.
+  --allow-uid LIST         comma list of users (names or uids) allowed to
+                           connect
+  --allow-gid LIST         comma list of groups (names or gids) allowed to
+                           connect; with either, a client whose uid or
+                           primary gid (from the kernel, SO_PEERCRED)
+                           matches neither is refused; root always may.
+                           Without both, the socket mode alone decides.
+                           They also apply to the status socket and to a
+                           listen: upstream, where the proxy's own user may
+                           connect too: whoever connects there is the VMM.
   --ro-socket-mode MODE, --ro-socket-group GROUP,
   --ro-allow-uid LIST, --ro-allow-gid LIST
-                           the same for the --listen-ro socket alone; each defaults
-                           to its read-write counterpart. Viewers' rules never widen
-                           the read-write socket's: for example operators get
-                           --socket-mode 0600, viewers --ro-socket-mode 0660
-                           --ro-socket-group viewers.
+                           the same for the --listen-ro socket alone; each
+                           defaults to its read-write counterpart. Viewers'
+                           rules never widen the read-write socket's: for
+                           example operators get --socket-mode 0600,
+                           viewers --ro-socket-mode 0660 --ro-socket-group
+                           viewers.
 
 History and slow clients:
-  --buffer-size SIZE       history kept in memory, 4KiB to 1GiB (default 1MiB)
+  --buffer-size SIZE       history kept in memory, 4KiB to 1GiB (default
+                           1MiB)
   --replay all|none|SIZE   what a new client receives first (default all)
   --slow-client skip|disconnect
-                           a client a whole buffer behind skips ahead with a
-                           notice of the bytes it missed, or is closed (default skip)
-  --notices                write [consoleproxy] notices into the stream (default true;
-                           --notices=false turns them off)
+                           a client a whole buffer behind skips ahead with
+                           a notice of the bytes it missed, or is closed
+                           (default skip)
+  --notices                write [consoleproxy] notices into the stream
+                           (default true; --notices=false turns them off)
 
 Console log:
-  --console-log PATH       append the raw console output to PATH; on start, the ring
-                           is seeded from it, so clients see the history from before
-                           a restart. SIGHUP reopens PATH (for logrotate).
+  --console-log PATH       append the raw console output to PATH; on start,
+                           the ring is seeded from it, so clients see the
+                           history from before a restart. SIGHUP reopens
+                           PATH (for logrotate).
   --console-log-max-size SIZE
-                           rotate when PATH would pass SIZE (default 16MiB; 0 never)
+                           rotate when PATH would pass SIZE (default 16MiB;
+                           0 never)
   --console-log-max-files N
-                           rotated files kept, PATH.1 (newest) to PATH.N (default 5)
-  --console-log-timestamps prefix each log line (never the live stream) with an
-                           RFC 3339 UTC time with milliseconds
+                           rotated files kept, PATH.1 (newest) to PATH.N
+                           (default 5)
+  --console-log-timestamps prefix each log line (never the live stream)
+                           with an RFC 3339 UTC time with milliseconds
+
+Every VM on a host (host mode):
+  A unix: or pty: --upstream whose path holds one '*' is a pattern, such as
+  unix:/run/vms/*/serial.sock. Every path that matches it, now or later, is
+  a console; the '*' matches within one path element. In --listen,
+  --listen-ro and --console-log, {name} is what the '*' matched and {dir}
+  the directory of the match; --listen must hold one of them, and so must
+  the other two when given. Every other flag applies to each console on its
+  own (--max-clients is per console). A console whose upstream is back
+  within --retire-after is a VM restart: its clients stay. One missing for
+  longer, or whose client socket's directory is removed, retires: its
+  clients get a notice and are closed, its sockets are removed. A console
+  that cannot start is logged and tried again when its directory changes.
+  --max-consoles N         consoles served at once, first come first
+                           served; a match beyond waits (default 1024)
+  --retire-after DURATION  how long a console's upstream may be missing
+                           before it retires, such as 30s or 2m (default
+                           30s)
+
+Status:
+  --status PATH            a socket that answers each connection with one
+                           JSON document (every console, its upstream and
+                           its clients) and a newline, then closes it:
+                           nc -U PATH | jq. In either mode.
 
 Diagnostics:
   --log-level LEVEL        trace, debug, info, warn, error (default info)
@@ -135,12 +174,21 @@ Diagnostics:
   --version                print the version and exit
 
 SIZE is a number with an optional binary unit: B, K/KiB, M/MiB, G/GiB.
+Signals: SIGHUP reopens every console log, SIGUSR1 logs one line per
+console and per client, SIGTERM and SIGINT stop every console at once.
 
 Examples:
-  consoleproxy --upstream unix:/run/vm1/serial.sock --listen /run/vm1/console.sock
+  consoleproxy --upstream unix:/run/vm1/serial.sock \
+      --listen /run/vm1/console.sock
   consoleproxy attach /run/vm1/console.sock       (Ctrl-] detaches)
   socat -,raw,echo=0 UNIX-CONNECT:/run/vm1/console.sock
   nc -U /run/vm1/console.sock
+
+  consoleproxy --upstream 'unix:/run/vms/*/serial.sock' \
+      --listen '{dir}/console.sock' \
+      --console-log '/var/log/consoleproxy/{name}.log' \
+      --status /run/consoleproxy/status.sock
+  consoleproxy attach --status /run/consoleproxy/status.sock vm1
 
 Exit status: 0 clean stop, 1 runtime failure, 2 usage error.
 `
@@ -344,8 +392,10 @@ func parseUpstreamOrPattern(spec string, o *options) error {
 // one they mean nothing, and neither do the host-mode flags.
 func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter string) error {
 	paths := []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--console-log", o.consoleLog}}
+	if host.HasPlaceholder(o.status) {
+		return usagef("--status: one status socket serves every console; it takes no {name} or {dir}")
+	}
 	if o.pattern == nil {
-		paths = append(paths, struct{ flag, path string }{"--status", o.status})
 		for _, p := range paths {
 			if host.HasPlaceholder(p.path) {
 				return usagef("%s: {name} and {dir} need an --upstream pattern with a '*'", p.flag)
@@ -358,9 +408,6 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		}
 		return nil
 	}
-	if host.HasPlaceholder(o.status) {
-		return usagef("--status: {name} and {dir} have no meaning there: one status socket serves every console")
-	}
 	for _, p := range paths {
 		if p.path == "" {
 			continue
@@ -368,10 +415,9 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		if !host.HasPlaceholder(p.path) {
 			return usagef("%s: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own", p.flag)
 		}
-		// With the '*' in the last element every match has the same
-		// directory: only {name} tells the consoles apart.
+		// /srv/consoles/vm-*.sock: every console's {dir} is /srv/consoles.
 		if o.pattern.Rest == "" && !strings.Contains(p.path, "{name}") {
-			return usagef("%s: must hold {name}: every match of %s is in the same directory", p.flag, o.pattern)
+			return usagef("%s: the '*' is in the socket's own name, so {dir} is the same for every console: it must hold {name}", p.flag)
 		}
 	}
 	if o.exitWithUpstream {

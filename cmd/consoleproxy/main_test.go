@@ -5,14 +5,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/goleak"
 )
@@ -69,10 +72,10 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", ln, "--console-log", filepath.Join(dir, "x", "..", "c.sock")}, "--listen and --console-log name the same file"},
 		{[]string{"--upstream", up, "--listen", ln, "--status", ln}, "--listen and --status name the same file"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "serial.sock"), "--listen", "{dir}/serial.sock"}, "--upstream and --listen name the same file"},
-		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", "{dir}/console.sock"}, "--listen: must hold {name}"},
-		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "s.sock"), "--listen", "{dir}/c.sock", "--status", "{dir}/st.sock"}, "--status: {name} and {dir} have no meaning"},
-		{[]string{"--upstream", up, "--listen", ln, "--status", "/run/{name}.sock"}, "--status: {name} and {dir} need an --upstream pattern"},
-		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2K"}, "outside 4KiB to 1GiB"},
+		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", "{dir}/console.sock"}, "it must hold {name}"},
+		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "s.sock"), "--listen", "{dir}/c.sock", "--status", "{dir}/st.sock"}, "--status: one status socket serves every console"},
+		{[]string{"--upstream", up, "--listen", ln, "--status", "/run/{name}.sock"}, "--status: one status socket serves every console"},
+		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2K"}, "--buffer-size: 2K is outside 4KiB to 1GiB"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "2GiB"}, "outside 4KiB to 1GiB"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "12QB"}, "unknown unit"},
 		{[]string{"--upstream", up, "--listen", ln, "--buffer-size", "-5"}, "not a size"},
@@ -345,5 +348,152 @@ func TestAttachFlagsAnywhere(t *testing.T) {
 	a, err = parseAttachArgs([]string{"--", "--read-only"})
 	if err != nil || a.opts.Socket != "--read-only" || a.opts.ReadOnly {
 		t.Errorf("after --: %+v, %v", a, err)
+	}
+}
+
+// TestHostModeUsageErrors: what the arguments alone show about a pattern
+// and the host-mode flags is a one-line usage error, exit 2, and nothing
+// is created, even with a match of the pattern waiting.
+func TestHostModeUsageErrors(t *testing.T) {
+	root := t.TempDir()
+	vm1 := filepath.Join(root, "vms", "vm1")
+	if err := os.MkdirAll(vm1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	serial, err := net.Listen("unix", filepath.Join(vm1, "serial.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer serial.Close()
+	pattern := "unix:" + filepath.Join(root, "vms", "*", "serial.sock")
+	flat := "unix:" + filepath.Join(root, "vms", "vm-*.sock") // the '*' in the socket's own name
+	single := "unix:" + filepath.Join(vm1, "serial.sock")
+	listen := "{dir}/console.sock"
+	status := filepath.Join(root, "status.sock")
+	before := tree(t, root)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		// With a pattern, every console's own paths need {name} or {dir}.
+		{[]string{"--upstream", pattern, "--listen", filepath.Join(root, "console.sock")},
+			"--listen: with an --upstream pattern it must hold {name} or {dir}, so that each console has its own"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--listen-ro", filepath.Join(root, "ro.sock")},
+			"--listen-ro: with an --upstream pattern it must hold {name} or {dir}"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--console-log", filepath.Join(root, "console.log")},
+			"--console-log: with an --upstream pattern it must hold {name} or {dir}"},
+		// Where the '*' is in the socket's own name, {dir} is one directory
+		// for every console.
+		{[]string{"--upstream", flat, "--listen", listen},
+			"--listen: the '*' is in the socket's own name, so {dir} is the same for every console: it must hold {name}"},
+		{[]string{"--upstream", flat, "--listen", "{dir}/{name}.console", "--console-log", "{dir}/console.log"},
+			"--console-log: the '*' is in the socket's own name"},
+		// Without a pattern, {name} and {dir} mean nothing.
+		{[]string{"--upstream", single, "--listen", "{dir}/console.sock"}, "--listen: {name} and {dir} need an --upstream pattern with a '*'"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--listen-ro", "/run/{name}.sock"}, "--listen-ro: {name} and {dir} need an --upstream pattern"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--console-log", "/var/log/{name}.log"}, "--console-log: {name} and {dir} need an --upstream pattern"},
+		// One status socket serves every console, in either mode.
+		{[]string{"--upstream", pattern, "--listen", listen, "--status", "{dir}/status.sock"}, "--status: one status socket serves every console; it takes no {name} or {dir}"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--status", "/run/{name}.sock"}, "--status: one status socket serves every console"},
+		// A pattern needs unix: or pty:, and one '*'.
+		{[]string{"--upstream", "tcp:*:4555", "--listen", listen}, `--upstream: "tcp:*:4555": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", "listen:" + root + "/vms/*/serial.sock", "--listen", listen}, `--upstream: "listen:` + root + `/vms/*/serial.sock": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", root + "/vms/*/serial.sock", "--listen", listen}, `--upstream: "` + root + `/vms/*/serial.sock": a pattern ('*') needs the kind unix: or pty:`},
+		{[]string{"--upstream", "unix:" + root + "/*/*.sock", "--listen", listen}, "--upstream: " + root + "/*/*.sock has 2 '*'; a pattern has one"},
+		// Host mode serves consoles as they come and go.
+		{[]string{"--upstream", pattern, "--listen", listen, "--exit-with-upstream"}, "--exit-with-upstream does not go with an --upstream pattern"},
+		{[]string{"--upstream", pattern, "--listen", listen, "--max-consoles", "0"}, `--max-consoles: "0" is not a whole number of at least 1`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--max-consoles", "x"}, `--max-consoles: "x" is not a whole number of at least 1`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "-1s"}, `--retire-after: "-1s" is not a positive duration such as 30s or 2m`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "soon"}, `--retire-after: "soon" is not a positive duration`},
+		{[]string{"--upstream", pattern, "--listen", listen, "--retire-after", "0"}, `--retire-after: "0" is not a positive duration`},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--max-consoles", "8"}, "--max-consoles needs an --upstream pattern with a '*'"},
+		{[]string{"--upstream", single, "--listen", filepath.Join(root, "c.sock"), "--retire-after", "1m"}, "--retire-after needs an --upstream pattern with a '*'"},
+		// Flags that stop a start stop host mode too, before anything is
+		// created.
+		{[]string{"--upstream", pattern, "--listen", listen, "--status", status, "--buffer-size", "2K"}, "--buffer-size: 2K is outside 4KiB to 1GiB"},
+	} {
+		// The real process, so that a case that is not refused shows as
+		// a daemon that does not exit, not as a test that hangs.
+		d := startDaemon(t, tc.args...)
+		code := d.exitCode(t)
+		msg := d.stderr.String()
+		if code != 2 || !strings.HasPrefix(msg, "consoleproxy: "+tc.want) || strings.Count(msg, "\n") != 1 {
+			t.Errorf("%q: exit %d, stderr %q; want exit 2 and one line starting %q", tc.args, code, msg, "consoleproxy: "+tc.want)
+		}
+		if after := tree(t, root); !slices.Equal(after, before) {
+			t.Fatalf("%q created files: before %q, after %q", tc.args, before, after)
+		}
+	}
+}
+
+// tree lists every path below root, sorted.
+func tree(t *testing.T, root string) []string {
+	t.Helper()
+	var paths []string
+	err := filepath.WalkDir(root, func(path string, _ fs.DirEntry, err error) error {
+		paths = append(paths, path)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return paths
+}
+
+// TestHelpFitsAndTeachesHostMode: --help fits an 80-column terminal,
+// names every host-mode flag and placeholder, and its examples are
+// command lines that parse.
+func TestHelpFitsAndTeachesHostMode(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := runMain([]string{"--help"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	help := stdout.String()
+	for i, line := range strings.Split(help, "\n") {
+		if n := utf8.RuneCountInString(line); n > 80 {
+			t.Errorf("--help line %d is %d columns: %q", i+1, n, line)
+		}
+	}
+	for _, want := range []string{"--max-consoles N", "--retire-after DURATION", "--status PATH", "{name}", "{dir}", "unix:/run/vms/*/serial.sock"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("--help does not mention %s", want)
+		}
+	}
+	// The examples: lines that start a consoleproxy command, with their
+	// continuations, split as a shell would split these (single quotes).
+	_, examples, _ := strings.Cut(help, "\nExamples:\n")
+	examples = strings.ReplaceAll(examples, "\\\n", " ")
+	seen := map[string]bool{}
+	for _, line := range strings.Split(examples, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "consoleproxy ") {
+			continue
+		}
+		line, _, _ = strings.Cut(line, "  (") // a trailing remark
+		var args []string
+		for i, part := range strings.Split(line, "'") {
+			if i%2 == 1 {
+				args = append(args, part) // quoted
+				continue
+			}
+			args = append(args, strings.Fields(part)...)
+		}
+		args = args[1:]
+		var err error
+		if args[0] == "attach" {
+			_, err = parseAttachArgs(args[1:])
+			seen["attach"] = true
+		} else {
+			var o *options
+			o, err = parseArgs(args)
+			seen[fmt.Sprint(err == nil && o.pattern != nil)] = true
+		}
+		if err != nil {
+			t.Errorf("the example %q does not parse: %v", line, err)
+		}
+	}
+	if !seen["true"] || !seen["false"] || !seen["attach"] {
+		t.Errorf("--help's examples want one console, host mode and attach; saw %v", seen)
 	}
 }
