@@ -37,7 +37,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -153,6 +155,7 @@ type Proxy struct {
 	draining  bool      // Shutdown began: readers end once caught up
 	closed    bool      // no new clients or readers
 	clients   map[*client]struct{}
+	readers   map[*Reader]struct{} // from NewReader, for Close to end
 	listeners map[net.Listener]struct{}
 	nextID    uint64
 	logReader *Reader // the console log writer's cursor; see RunLog
@@ -222,6 +225,7 @@ func New(cfg Config) (*Proxy, error) {
 		inputWake: make(chan struct{}, 1),
 		ring:      ringbuf.New(cfg.BufferSize),
 		clients:   make(map[*client]struct{}),
+		readers:   make(map[*Reader]struct{}),
 		listeners: make(map[net.Listener]struct{}),
 	}
 	p.deniedWarn = warnlimit.New(p.clientLog, "client refused: access denied")
@@ -383,9 +387,13 @@ func (p *Proxy) Close() error {
 	p.closed = true
 	lns := p.takeListenersLocked()
 	p.stopWakeTimerLocked()
+	readers := slices.Collect(maps.Keys(p.readers))
 	p.mu.Unlock()
 	err := closeAll(lns)
 	p.closeClients()
+	for _, r := range readers {
+		r.Close()
+	}
 	p.logReader.Close()
 	p.clientsDone.Wait()
 	p.stopWarnings()

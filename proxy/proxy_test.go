@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 var connectedNotice = notice(noticeConnected, true)
@@ -561,5 +563,34 @@ func TestReaderInProcess(t *testing.T) {
 	r.Close()
 	if err := <-errc; err != ErrClosed {
 		t.Errorf("Read after Close: %v, want ErrClosed", err)
+	}
+}
+
+func TestCloseEndsAReaderParkedInRead(t *testing.T) {
+	checkLeaks(t)
+	p, err := New(Config{Upstream: &UnixUpstream{Path: filepath.Join(t.TempDir(), "vmm.sock")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := p.NewReader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := r.Read(make([]byte, 10)) // nothing to read: it parks
+		done <- err
+	}()
+	p.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrClosed) {
+			t.Errorf("Read after Close: %v, want ErrClosed", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("a Read parked in another goroutine did not end at Close")
+	}
+	if _, err := p.NewReader(); !errors.Is(err, ErrClosed) {
+		t.Errorf("NewReader after Close: %v, want ErrClosed", err)
 	}
 }

@@ -67,7 +67,9 @@ func (p *Proxy) NewReader() (*Reader, error) {
 	if p.closed {
 		return nil, ErrClosed
 	}
-	return p.newReader(p.replayStartLocked(), !p.cfg.DisableNotices, p.cfg.SlowClient), nil
+	r := p.newReader(p.replayStartLocked(), !p.cfg.DisableNotices, p.cfg.SlowClient)
+	p.readers[r] = struct{}{} // Close ends it
+	return r, nil
 }
 
 // Read blocks until output is available and copies it into b. It returns
@@ -98,6 +100,7 @@ func (r *Reader) Close() error {
 		p := r.p
 		p.mu.Lock()
 		r.closed = true
+		delete(p.readers, r)
 		if r.parked {
 			for i, q := range p.parked {
 				if q == r {
