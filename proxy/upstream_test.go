@@ -372,3 +372,21 @@ func TestExitWithUpstreamForEveryKind(t *testing.T) {
 		}
 	})
 }
+
+func TestACrashLoopingVMMIsNotATakeover(t *testing.T) {
+	checkLeaks(t)
+	logs := &syncLog{}
+	p, dir := startProxy(t, Config{Logger: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info})})
+	path := filepath.Join(dir, "vmm.sock")
+	// A VMM that crashes right after the proxy attaches and comes back,
+	// five times: its socket goes and a new one comes each time.
+	for i := range 5 {
+		vmm := startVMM(t, path)
+		waitFor(t, "the proxy to attach", func() bool { return vmm.Accepted() == 1 })
+		waitFor(t, "the connected notice", func() bool { return p.Stats().UpstreamConnects == uint64(i+1) })
+		vmm.Kill()
+	}
+	if strings.Contains(logs.String(), "took the console over") {
+		t.Errorf("a VMM restart was taken for a takeover:\n%s", logs)
+	}
+}

@@ -72,6 +72,16 @@ type SocketListener struct {
 // Addr returns the socket's path.
 func (l *SocketListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
 
+// Accept waits for the next connection. Its errors name the socket's path,
+// not the private one it was bound at.
+func (l *SocketListener) Accept() (net.Conn, error) {
+	c, err := l.UnixListener.Accept()
+	if oe, ok := err.(*net.OpError); ok {
+		oe.Addr = l.Addr()
+	}
+	return c, err
+}
+
 // Close stops listening and removes the socket file if it is still ours.
 func (l *SocketListener) Close() error {
 	err := l.UnixListener.Close()

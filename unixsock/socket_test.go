@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -227,5 +228,19 @@ func TestAccessAllows(t *testing.T) {
 	}
 	if _, err := LookupGIDs([]string{"no-such-group-here"}); err == nil {
 		t.Error("an unknown group resolved")
+	}
+}
+
+func TestAcceptErrorsNameTheSocketNotItsPrivateBind(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.sock")
+	ln, err := Listen(path, SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetDeadline(time.Now()) // the next Accept fails at once
+	_, err = ln.Accept()
+	ln.Close()
+	if err == nil || !strings.Contains(err.Error(), path) || strings.Contains(err.Error(), ".consoleproxy-") {
+		t.Errorf("Accept error %q: want one naming %s", err, path)
 	}
 }

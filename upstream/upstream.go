@@ -346,7 +346,10 @@ func Run(ctx context.Context, up Upstream, sink Sink, opts Options) error {
 			if uptime >= stableAfter {
 				delay = minBackoff
 			}
-			if w, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" && statPath(w.watchPath()).exists {
+			// A takeover cuts the connection and leaves the socket as it
+			// was; a VMM that crashed and came back has a new socket, and
+			// one that is gone has none: neither is a takeover.
+			if _, ok := up.(pathWatcher); ok && uptime < takeoverWindow && reason == "EOF" && pathOf(up) == before {
 				takeoverWarn.Warn("uptime", uptime.Round(time.Millisecond))
 				delay = max(delay, TakeoverBackoff)
 			}
