@@ -12,6 +12,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -107,6 +109,24 @@ func Open(cfg Config) (_ *Console, err error) {
 		}
 		undo = append(undo, func() { c.clog.Close() })
 	}
+	if lu, ok := cfg.Upstream.(*proxy.ListenUpstream); ok {
+		if err := lu.Listen(); err != nil {
+			return nil, fmt.Errorf("--upstream: %w", err)
+		}
+		undo = append(undo, func() { lu.Close() })
+	}
+	if c.ln, err = unixsock.Listen(cfg.Listen, cfg.Socket); err != nil {
+		return nil, fmt.Errorf("--listen: %w", err)
+	}
+	undo = append(undo, func() { c.ln.Close() })
+	own := []*unixsock.SocketListener{c.ln}
+	if cfg.ListenRO != "" {
+		if c.lnRO, err = unixsock.Listen(cfg.ListenRO, cfg.ROSocket); err != nil {
+			return nil, fmt.Errorf("--listen-ro: %w", err)
+		}
+		undo = append(undo, func() { c.lnRO.Close() })
+		own = append(own, c.lnRO)
+	}
 	if c.p, err = proxy.New(proxy.Config{
 		Upstream:         cfg.Upstream,
 		BufferSize:       cfg.BufferSize,
@@ -118,25 +138,11 @@ func Open(cfg Config) (_ *Console, err error) {
 		DisableNotices:   cfg.DisableNotices,
 		ExitWithUpstream: cfg.ExitWithUpstream,
 		Seed:             seed,
+		OwnSockets:       own,
 		Watcher:          cfg.Watcher,
 		Logger:           log,
 	}); err != nil {
 		return nil, err
-	}
-	if lu, ok := cfg.Upstream.(*proxy.ListenUpstream); ok {
-		if err := lu.Listen(); err != nil {
-			return nil, fmt.Errorf("--upstream: %w", err)
-		}
-		undo = append(undo, func() { lu.Close() })
-	}
-	if c.ln, err = unixsock.Listen(cfg.Listen, cfg.Socket); err != nil {
-		return nil, fmt.Errorf("--listen: %w", err)
-	}
-	undo = append(undo, func() { c.ln.Close() })
-	if cfg.ListenRO != "" {
-		if c.lnRO, err = unixsock.Listen(cfg.ListenRO, cfg.ROSocket); err != nil {
-			return nil, fmt.Errorf("--listen-ro: %w", err)
-		}
 	}
 	return c, nil
 }
@@ -165,17 +171,31 @@ func (c *Console) Run(ctx context.Context) error {
 	go func() { upDone <- c.p.RunUpstream(upCtx) }()
 
 	var serving sync.WaitGroup
-	serveErr := make(chan error, 2)
+	serveErr := make(chan error, 1)
 	serve := func(run func() error, flag string) {
 		serving.Go(func() {
 			if err := run(); err != nil && !errors.Is(err, proxy.ErrClosed) {
-				serveErr <- fmt.Errorf("%s: accept: %w", flag, err)
+				select {
+				case serveErr <- fmt.Errorf("%s: accept: %w", flag, err):
+				default: // the first one ends Run
+				}
 			}
 		})
 	}
 	serve(func() error { return c.p.Serve(c.ln) }, "--listen")
 	if c.lnRO != nil {
 		serve(func() error { return c.p.ServeReadOnly(c.lnRO) }, "--listen-ro")
+	}
+	// A client socket removed from under the proxy is created again.
+	stopKeeping := make(chan struct{})
+	var keeping sync.WaitGroup
+	keeping.Go(c.keepSocket(stopKeeping, c.ln, c.cfg.Socket, func(ln *unixsock.SocketListener) {
+		serve(func() error { return c.p.Serve(ln) }, "--listen")
+	}))
+	if c.lnRO != nil {
+		keeping.Go(c.keepSocket(stopKeeping, c.lnRO, c.cfg.ROSocket, func(ln *unixsock.SocketListener) {
+			serve(func() error { return c.p.ServeReadOnly(ln) }, "--listen-ro")
+		}))
 	}
 	// The log's context is not ctx: the log ends on its own once the
 	// clients' shutdown has begun and it has written everything, or at its
@@ -198,6 +218,8 @@ func (c *Console) Run(ctx context.Context) error {
 	case err = <-serveErr:
 	}
 
+	close(stopKeeping)
+	keeping.Wait()
 	upCancel()
 	if upDone != nil {
 		<-upDone
@@ -226,6 +248,72 @@ func (c *Console) Run(ctx context.Context) error {
 		}
 	}
 	return err
+}
+
+// keepSocket watches the directory of ln's socket and returns the loop
+// that creates the socket again when its path is removed from under the
+// proxy (by hand, or a tmpfiles clean-up), so that clients can still find
+// the console and a second instance cannot start beside this one. The
+// watch begins before keepSocket returns; the loop serves each new socket
+// with serve, and returns when stop is closed or the socket's directory
+// goes (host mode then retires the console). A socket replaced keeps its
+// descriptor until the stop: nobody can reach it, and Shutdown closes it.
+func (c *Console) keepSocket(stop <-chan struct{}, ln *unixsock.SocketListener, opts unixsock.SocketOptions, serve func(*unixsock.SocketListener)) func() {
+	if c.cfg.Watcher == nil {
+		return func() {}
+	}
+	path := ln.Addr().String()
+	name := filepath.Base(path)
+	changed := make(chan struct{}, 1)
+	changed <- struct{}{} // what happened before the watch began
+	gone := make(chan struct{})
+	var goneOnce sync.Once
+	cancel, err := c.cfg.Watcher.Watch(filepath.Dir(path), func(e watch.Event) {
+		switch {
+		case e.Gone:
+			goneOnce.Do(func() { close(gone) })
+		case e.Name == name || e.Overflow:
+			select {
+			case changed <- struct{}{}:
+			default:
+			}
+		}
+	})
+	if err != nil {
+		c.log.Warn("cannot watch the client socket's directory; a socket removed from under the proxy stays gone", "socket", path, "error", err)
+		return func() {}
+	}
+	return func() {
+		defer cancel()
+		warned := false
+		for {
+			select {
+			case <-stop:
+				return
+			case <-gone:
+				return
+			case <-changed:
+			}
+			if ln.Ours() {
+				continue
+			}
+			if _, err := os.Lstat(path); err == nil {
+				if !warned {
+					c.log.Warn("the client socket's path names something else now; leaving it alone", "socket", path)
+					warned = true
+				}
+				continue
+			}
+			next, err := unixsock.Listen(path, opts)
+			if err != nil {
+				c.log.Error("the client socket was removed and cannot be created again", "socket", path, "error", err)
+				continue
+			}
+			c.log.Warn("the client socket was removed from under the proxy; created it again", "socket", path)
+			serve(next)
+			ln, warned = next, false
+		}
+	}
 }
 
 // Retire ends Run as host mode retires a console: its clients receive the

@@ -14,6 +14,7 @@ import (
 
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
+	"github.com/consoleproxy/consoleproxy/watch"
 	"go.uber.org/goleak"
 )
 
@@ -128,5 +129,57 @@ func TestOpenFailureLeavesNothingBehind(t *testing.T) {
 	}
 	if _, err := os.Lstat(listen); err == nil {
 		t.Error("the read-write socket was left behind")
+	}
+}
+
+func TestARemovedClientSocketIsCreatedAgain(t *testing.T) {
+	dir := t.TempDir()
+	w := watch.New()
+	defer w.Close()
+	sock := filepath.Join(dir, "console.sock")
+	c, err := Open(Config{Upstream: &proxy.UnixUpstream{Path: filepath.Join(dir, "vmm.sock")}, Listen: sock, Watcher: w})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	var stopOnce sync.Once
+	var runErr error
+	stop := func() {
+		stopOnce.Do(func() {
+			cancel()
+			runErr = <-done
+		})
+	}
+	defer stop()
+	waitDial := func() {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			conn, err := net.Dial("unix", sock)
+			if err == nil {
+				conn.Close()
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the client socket is not served: %v", err)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	waitDial()
+	for range 2 { // each time
+		if err := os.Remove(sock); err != nil {
+			t.Fatal(err)
+		}
+		waitDial()
+	}
+	stop()
+	if runErr != nil {
+		t.Errorf("Run: %v", runErr)
+	}
+	if _, err := os.Lstat(sock); err == nil {
+		t.Error("the socket created again was left behind at the stop")
 	}
 }

@@ -145,18 +145,25 @@ type testProxy struct {
 // returns the proxy and that directory.
 func startProxy(t *testing.T, cfg Config) (*testProxy, string) {
 	t.Helper()
-	dir := t.TempDir()
+	return startProxyIn(t, t.TempDir(), cfg)
+}
+
+// startProxyIn is startProxy in dir.
+func startProxyIn(t *testing.T, dir string, cfg Config) (*testProxy, string) {
+	t.Helper()
 	if cfg.Upstream == nil {
 		cfg.Upstream = &UnixUpstream{Path: filepath.Join(dir, "vmm.sock")}
-	}
-	p, err := New(cfg)
-	if err != nil {
-		t.Fatalf("New: %v", err)
 	}
 	sock := filepath.Join(dir, "console.sock")
 	ln, err := unixsock.Listen(sock, unixsock.SocketOptions{})
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
+	}
+	cfg.OwnSockets = append(cfg.OwnSockets, ln)
+	p, err := New(cfg)
+	if err != nil {
+		ln.Close()
+		t.Fatalf("New: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

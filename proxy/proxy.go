@@ -126,6 +126,10 @@ type Config struct {
 	// as the tail of a console log from before a restart. It should begin
 	// at a line start. A non-empty Seed is followed by the restarted notice.
 	Seed []byte
+	// OwnSockets are the sockets the caller is about to Serve. RunUpstream
+	// never connects to any socket the proxy serves, these included from
+	// the start, before Serve runs: the proxy would read its own output.
+	OwnSockets []*unixsock.SocketListener
 	// Watcher is the process's shared inotify watcher, through which
 	// RunUpstream waits for a missing upstream path. Nil means a private
 	// one.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 
+	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/upstream"
 )
 
@@ -14,8 +15,27 @@ func (p *Proxy) RunUpstream(ctx context.Context) error {
 	return upstream.Run(ctx, p.cfg.Upstream, upstreamSink{p}, upstream.Options{
 		ExitWithUpstream: p.cfg.ExitWithUpstream,
 		Watcher:          p.cfg.Watcher,
+		IsOwn:            p.isOwnSocket,
 		Logger:           p.upLog,
 	})
+}
+
+// isOwnSocket reports whether path names one of the sockets the proxy
+// serves.
+func (p *Proxy) isOwnSocket(path string) bool {
+	for _, ln := range p.cfg.OwnSockets {
+		if ln.Names(path) {
+			return true
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for ln := range p.listeners {
+		if sl, ok := ln.(*unixsock.SocketListener); ok && sl.Names(path) {
+			return true
+		}
+	}
+	return false
 }
 
 // upstreamSink is the proxy as upstream.Run sees it. Its methods are on a

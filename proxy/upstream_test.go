@@ -390,3 +390,23 @@ func TestACrashLoopingVMMIsNotATakeover(t *testing.T) {
 		t.Errorf("a VMM restart was taken for a takeover:\n%s", logs)
 	}
 }
+
+func TestNeverConnectsToItsOwnSocket(t *testing.T) {
+	checkLeaks(t)
+	logs := &syncLog{}
+	dir := t.TempDir()
+	vmmPath := filepath.Join(dir, "vmm.sock")
+	// The upstream's path leads to the proxy's own client socket, by
+	// another name than its own.
+	if err := os.Symlink("console.sock", vmmPath); err != nil {
+		t.Fatal(err)
+	}
+	p, _ := startProxyIn(t, dir, Config{Upstream: &UnixUpstream{Path: vmmPath}, Logger: hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Info})})
+	waitFor(t, "the refusal", func() bool { return strings.Contains(logs.String(), "own sockets") })
+	if n := p.Stats().UpstreamConnects; n != 0 {
+		t.Fatalf("the proxy connected to itself %d times", n)
+	}
+	os.Remove(vmmPath)
+	vmm := startVMM(t, vmmPath)
+	waitFor(t, "the real VMM", func() bool { return vmm.Accepted() == 1 })
+}

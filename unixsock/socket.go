@@ -82,11 +82,24 @@ func (l *SocketListener) Accept() (net.Conn, error) {
 	return c, err
 }
 
+// Ours reports whether the socket's path still names the socket that
+// Listen created.
+func (l *SocketListener) Ours() bool {
+	var st unix.Stat_t
+	return unix.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino
+}
+
+// Names reports whether path, following symlinks, names this socket: a
+// hard link or another spelling of its path.
+func (l *SocketListener) Names(path string) bool {
+	var st unix.Stat_t
+	return unix.Stat(path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino
+}
+
 // Close stops listening and removes the socket file if it is still ours.
 func (l *SocketListener) Close() error {
 	err := l.UnixListener.Close()
-	var st unix.Stat_t
-	if unix.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
+	if l.Ours() {
 		if rmErr := os.Remove(l.path); rmErr != nil {
 			err = errors.Join(err, fmt.Errorf("remove socket: %w", rmErr))
 		}

@@ -265,9 +265,17 @@ type Options struct {
 	// Watcher is the process's shared inotify watcher. Nil means a
 	// private one.
 	Watcher *watch.Watcher
+	// IsOwn, when set, reports whether a path names one of the proxy's
+	// own sockets: Run never connects to one, or the proxy would read its
+	// own output forever.
+	IsOwn func(path string) bool
 	// Logger receives the upstream's diagnostics. Nil means none.
 	Logger hclog.Logger
 }
+
+// ErrOwnSocket is why Run does not connect to an upstream path that names
+// one of the proxy's own sockets.
+var ErrOwnSocket = errors.New("it is one of this proxy's own sockets; not connecting to it")
 
 // Run keeps up connected and drains it into sink until ctx is done, then
 // returns nil. It reconnects with backoff after failures and lost
@@ -302,7 +310,13 @@ func Run(ctx context.Context, up Upstream, sink Sink, opts Options) error {
 	failures := 0
 	for {
 		before := pathOf(up)
-		conn, err := up.Dial(ctx)
+		var conn io.ReadWriteCloser
+		var err error
+		if w, ok := up.(pathWatcher); ok && opts.IsOwn != nil && opts.IsOwn(w.watchPath()) {
+			err = fmt.Errorf("%s: %w", w.watchPath(), ErrOwnSocket)
+		} else {
+			conn, err = up.Dial(ctx)
+		}
 		if ctx.Err() != nil {
 			if err == nil {
 				conn.Close()
