@@ -191,11 +191,9 @@ func run(cfg streamCfg) result {
 		defer func() { relay.Process.Kill(); relay.Wait() }()
 		waitSocket(sock)
 	}
-	var stuckConns []net.Conn
 	for range cfg.stuck {
 		c, err := net.Dial("unix", sock)
 		check(err)
-		stuckConns = append(stuckConns, c)
 		defer c.Close()
 	}
 	clients := make([]*client, cfg.clients)
