@@ -157,7 +157,9 @@ type Proxy struct {
 	wakeArmed   bool
 	// typist is the reader of the client whose input was queued last, or
 	// nil. queueInput sets it without mu; the reader's state is still
-	// guarded by mu.
+	// guarded by mu. A reader clears it when it closes, so that a client
+	// that left is not kept; a store racing with that close can leave a
+	// closed reader here, which is never parked and so never woken.
 	typist atomic.Pointer[Reader]
 
 	// Counters for Stats. totals holds the finished clients' figures.
