@@ -24,6 +24,7 @@ type client struct {
 	pending   uint64 // announced bytes not yet matched by a gap
 	partial   []byte
 	echoes    map[uint64]time.Time // echo seq -> when it was seen
+	echoed    chan uint64          // when set, each echo's seq, if there is room
 }
 
 var dropPrefix = []byte("[consoleproxy] ")
@@ -96,6 +97,12 @@ func (c *client) line(l []byte) {
 		seq, _ := strconv.ParseUint(string(bytes.TrimLeft(l[1:lineLen-1], "0")), 10, 64)
 		if c.echoes != nil {
 			c.echoes[seq] = time.Now()
+		}
+		if c.echoed != nil {
+			select {
+			case c.echoed <- seq:
+			default:
+			}
 		}
 	case len(l) == lineLen:
 		if off, ok := parseLine(l); ok {

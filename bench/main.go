@@ -28,7 +28,7 @@ var (
 	quick  = flag.Bool("quick", false, "shorter runs")
 	outDir = flag.String("out", ".", "where results.md and results.svg go")
 	binary = flag.String("binary", "", "consoleproxy to measure (default: build ../cmd/consoleproxy)")
-	only   = flag.String("only", "", "run only the scenarios whose name contains this (\"idle\" for idle CPU and RSS, \"host\" for host mode against one process per console), print them, and stop")
+	only   = flag.String("only", "", "run only the scenarios whose name contains this, or any of a comma-separated list (\"idle\" for idle CPU and RSS, \"host\" for host mode against one process per console), print them, and stop")
 )
 
 func main() {
@@ -66,13 +66,15 @@ func main() {
 		rows = append(rows, r)
 		curve = append(curve, r)
 	}
-	// 2. The default configuration: flood at N=100, and paced at 10 MiB/s.
+	// 2. The default configuration: flood at N=100, and paced at 10 MiB/s,
+	// each beside the same load with no relay: the fake VMM serves each
+	// client its own stream, so the round trips show what the harness
+	// itself adds on these shared cores.
 	def := []string{"--replay", "none"}
-	rows = append(rows, run(streamCfg{name: "consoleproxy, default 1 MiB ring, continuous flood, N=100", target: "proxy", clients: 100, dur: dur, args: def, latency: true}))
+	flood := run(streamCfg{name: "consoleproxy, default 1 MiB ring, continuous flood, N=100", target: "proxy", clients: 100, dur: dur, args: def, latency: true})
+	floodDirect := run(streamCfg{name: "direct to the VMM, continuous flood to each of N=100", target: "direct", clients: 100, dur: dur, latency: true})
+	rows = append(rows, flood, floodDirect)
 	paced := run(streamCfg{name: "consoleproxy, default, paced 10 MiB/s, N=100", target: "proxy", clients: 100, rate: 10 << 20, dur: dur, args: def, latency: true})
-	// The same load with no relay: the fake VMM serves each client its own
-	// paced stream, so the round trips show what the harness itself adds
-	// on these shared cores.
 	pacedDirect := run(streamCfg{name: "direct to the VMM, paced 10 MiB/s to each of N=100", target: "direct", clients: 100, rate: 10 << 20, dur: dur, latency: true})
 	rows = append(rows, paced, pacedDirect)
 	// 3. A stuck client among 10, flood, against the same without it.
@@ -81,20 +83,20 @@ func main() {
 	rows = append(rows, noStuck, stuck)
 
 	if *only != "" {
-		if strings.Contains("host mode", *only) {
+		if selected("host mode") {
 			writeHost(hostMode())
 		}
-		if strings.Contains("idle and memory", *only) {
+		if selected("idle and memory") {
 			idleTicks, rss0, rss100, rss1000 := idleAndMemory()
 			fmt.Printf("idle: %d ticks; RSS %s, %s, %s with 0, 100, 1000 idle clients (%.1f KiB per extra idle client)\n",
 				idleTicks, kib(rss0), kib(rss100), kib(rss1000), float64(rss1000-rss100)/900)
 		}
 		return
 	}
-	fmt.Fprintf(&report, "| run | per client MiB/s | aggregate MiB/s | announced gaps (bytes) | silent gaps | RTT p50 | RTT p99 | peak RSS | CPU s/GiB | CPU %% |\n|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&report, "| run | per client MiB/s | aggregate MiB/s | announced gaps (bytes) | silent gaps | RTT p50 | RTT p99 | quiet RTT p50 | quiet RTT p99 | peak RSS | CPU s/GiB | CPU %% |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&report, "| %s | %.0f | %.0f | %d | %d | %s | %s | %s | %s | %s |\n", r.name, r.perClient, r.aggregate, r.announced, r.silent,
-			ms(r.p50), ms(r.p99), kib(r.rssPeak), cpuPerGiB(r), pct(r))
+		fmt.Fprintf(&report, "| %s | %.0f | %.0f | %d | %d | %s | %s | %s | %s | %s | %s | %s |\n", r.name, r.perClient, r.aggregate, r.announced, r.silent,
+			ms(r.p50), ms(r.p99), us(r.qp50), us(r.qp99), kib(r.rssPeak), cpuPerGiB(r), pct(r))
 	}
 
 	// 4. Idle and memory.
@@ -111,6 +113,10 @@ func main() {
 	fmt.Fprintf(&report, "\nRatios in this run: N=1 lossless vs socat relay %.2fx; N=100 aggregate vs direct single client %.2fx; stuck client: others keep %.0f%% of their rate, RSS %+d KiB; paced N=100 CPU %s s/GiB; round-trip p99 while paced %s (%s with no relay under the same load).\n",
 		curve[0].perClient/socat.perClient, curve[2].aggregate/direct.perClient, 100*stuck.perClient/noStuck.perClient, stuck.rssPeak-noStuck.rssPeak,
 		cpuPerGiB(paced), ms(paced.p99), ms(pacedDirect.p99))
+	fmt.Fprintf(&report, "Quiet round trips: N=1 p50 %s, p99 %s against socat's %s, %s (%.2fx, %.2fx); N=100 after the default flood p99 %s against %s with no relay (%.2fx). Round trips while paced: p50 %s, %+.2f ms from no relay (%s).\n",
+		us(curve[0].qp50), us(curve[0].qp99), us(socat.qp50), us(socat.qp99), ratio(curve[0].qp50, socat.qp50), ratio(curve[0].qp99, socat.qp99),
+		us(flood.qp99), us(floodDirect.qp99), ratio(flood.qp99, floodDirect.qp99),
+		ms(paced.p50), float64((paced.p50-pacedDirect.p50).Microseconds())/1000, ms(pacedDirect.p50))
 
 	fmt.Print(report.String())
 	check(os.WriteFile(filepath.Join(*outDir, "results.md"), []byte(report.String()), 0o644))
@@ -153,15 +159,26 @@ type result struct {
 	name                 string
 	perClient, aggregate float64 // MiB/s
 	announced, silent    uint64
-	p50, p99             time.Duration
-	rssPeak              int // KiB, of the relay process
+	p50, p99             time.Duration // round trips while the stream flows
+	qp50, qp99           time.Duration // round trips one at a time, after it
+	rssPeak              int           // KiB, of the relay process
 	cpu                  float64
 	delivered            uint64
 	dur                  time.Duration
 }
 
+// selected reports whether -only selects the scenario called name.
+func selected(name string) bool {
+	for _, s := range strings.Split(*only, ",") {
+		if strings.Contains(name, s) {
+			return true
+		}
+	}
+	return false
+}
+
 func run(cfg streamCfg) result {
-	if *only != "" && !strings.Contains(cfg.name, *only) {
+	if *only != "" && !selected(cfg.name) {
 		return result{name: cfg.name}
 	}
 	dir, err := os.MkdirTemp("", "cpb-")
@@ -190,11 +207,9 @@ func run(cfg streamCfg) result {
 		defer func() { relay.Process.Kill(); relay.Wait() }()
 		waitSocket(sock)
 	}
-	var stuckConns []net.Conn
 	for range cfg.stuck {
 		c, err := net.Dial("unix", sock)
 		check(err)
-		stuckConns = append(stuckConns, c)
 		defer c.Close()
 	}
 	clients := make([]*client, cfg.clients)
@@ -204,6 +219,7 @@ func run(cfg streamCfg) result {
 		clients[i] = &client{conn: c}
 	}
 	clients[0].echoes = map[uint64]time.Time{}
+	clients[0].echoed = make(chan uint64, 1)
 	close(v.begin)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -264,6 +280,7 @@ func run(cfg streamCfg) result {
 		r.silent += c.silent
 		c.mu.Unlock()
 	}
+	close(v.quiet)
 	time.Sleep(100 * time.Millisecond) // the last echoes
 	clients[0].mu.Lock()
 	var rtts []time.Duration
@@ -277,6 +294,10 @@ func run(cfg streamCfg) result {
 		slices.Sort(rtts)
 		r.p50, r.p99 = rtts[len(rtts)/2], rtts[len(rtts)*99/100]
 	}
+	if cfg.latency {
+		settle(clients)
+		r.qp50, r.qp99 = quietRoundTrips(clients[0], quietRounds, &seq)
+	}
 	close(stop)
 	for _, c := range clients {
 		c.conn.Close()
@@ -285,8 +306,64 @@ func run(cfg streamCfg) result {
 	r.delivered = total
 	r.aggregate = float64(total) / (1 << 20) / elapsed.Seconds()
 	r.perClient = r.aggregate / float64(cfg.clients)
-	fmt.Fprintf(os.Stderr, "%-50s %8.0f MiB/s per client %8.0f aggregate, p50 %s p99 %s, CPU %s s/GiB\n", cfg.name, r.perClient, r.aggregate, ms(r.p50), ms(r.p99), cpuPerGiB(r))
+	fmt.Fprintf(os.Stderr, "%-58s %6.0f MiB/s per client %6.0f aggregate, p50 %s p99 %s, quiet p50 %s p99 %s, CPU %s s/GiB\n", cfg.name, r.perClient, r.aggregate, ms(r.p50), ms(r.p99), us(r.qp50), us(r.qp99), cpuPerGiB(r))
 	return r
+}
+
+// quietRounds is how many round trips quietRoundTrips makes, as many as
+// a test harness waiting for a prompt after each command might.
+const quietRounds = 2000
+
+// settle waits until the clients have read everything, so that round trips
+// made next queue behind nothing.
+func settle(clients []*client) {
+	prev := ^uint64(0)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+		var total uint64
+		for _, c := range clients {
+			c.mu.Lock()
+			total += c.bytes
+			c.mu.Unlock()
+		}
+		if total == prev {
+			return
+		}
+		prev = total
+	}
+	check(fmt.Errorf("the clients did not settle"))
+}
+
+// quietRoundTrips sends n keystrokes through c, each once the echo of the
+// one before has arrived, as a program that drives a console does, and
+// returns the round trips' p50 and p99. seq numbers the keystrokes sent on
+// c's connection so far.
+func quietRoundTrips(c *client, n int, seq *uint64) (p50, p99 time.Duration) {
+	rtts := make([]time.Duration, 0, n)
+	for range n {
+		select {
+		case <-c.echoed: // an echo from before: room for the next
+		default:
+		}
+		*seq++
+		want := *seq
+		start := time.Now()
+		_, err := c.conn.Write([]byte{'x'})
+		check(err)
+		timeout := time.After(5 * time.Second)
+		for got := uint64(0); got != want; {
+			select {
+			case got = <-c.echoed:
+			case <-timeout:
+				check(fmt.Errorf("echo %d did not arrive", want))
+			}
+		}
+		c.mu.Lock()
+		rtts = append(rtts, c.echoes[want].Sub(start))
+		c.mu.Unlock()
+	}
+	slices.Sort(rtts)
+	return rtts[n/2], rtts[n*99/100]
 }
 
 func idleAndMemory() (ticks int, rss0, rss100, rss1000 int) {
@@ -430,6 +507,15 @@ func ms(d time.Duration) string {
 	}
 	return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000)
 }
+
+func us(d time.Duration) string {
+	if d == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%d µs", d.Microseconds())
+}
+
+func ratio(a, b time.Duration) float64 { return float64(a) / float64(b) }
 
 func kib(k int) string {
 	if k == 0 {

@@ -48,13 +48,15 @@ func echoLine(seq uint64) []byte {
 
 // vmm is a fake VMM console socket: it serves each connection the stream,
 // flooding (rate 0) or paced at rate bytes per second, and answers each
-// input byte with an echo line.
+// input byte with an echo line as soon as the chunk being written, if any,
+// is out: a guest's UART echo does not wait for its next line of output.
 type vmm struct {
 	ln    net.Listener
 	rate  int
 	chunk int
 	limit uint64        // pattern bytes per connection; 0 streams until stopped
 	begin chan struct{} // closed when the clients are in place
+	quiet chan struct{} // closed to end the stream: only echoes from then on
 	stop  chan struct{}
 	wg    sync.WaitGroup
 }
@@ -64,7 +66,7 @@ func startVMM(path string, rate, chunk int, limit uint64) (*vmm, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &vmm{ln: ln, rate: rate, chunk: chunk, limit: limit, begin: make(chan struct{}), stop: make(chan struct{})}
+	v := &vmm{ln: ln, rate: rate, chunk: chunk, limit: limit, begin: make(chan struct{}), quiet: make(chan struct{}), stop: make(chan struct{})}
 	v.wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -114,37 +116,61 @@ func (v *vmm) serve(c net.Conn) {
 	var off uint64
 	start := time.Now()
 	var seq uint64
+	echo := func() error {
+		seq++
+		_, err := c.Write(echoLine(seq))
+		return err
+	}
+	pace := time.NewTimer(0)
+	defer pace.Stop()
+	quiet := v.quiet // nil once the stream is over
 	for {
-		select {
-		case <-v.stop:
-			return
-		default:
-		}
 		// Echo lines go out as soon as the input arrives, between chunks.
 		for drained := false; !drained; {
 			select {
-			case b := <-echoes:
-				_ = b
-				seq++
-				if _, err := c.Write(echoLine(seq)); err != nil {
+			case <-echoes:
+				if echo() != nil {
 					return
 				}
 			default:
 				drained = true
 			}
 		}
-		if v.limit > 0 && off >= v.limit {
-			// The round is out: only echoes from now on.
-			time.Sleep(200 * time.Microsecond)
+		over := quiet == nil || v.limit > 0 && off >= v.limit
+		var wait time.Duration
+		if !over && v.rate > 0 {
+			due := time.Duration(float64(off) / float64(v.rate) * float64(time.Second))
+			wait = due - time.Since(start)
+		}
+		if over || wait > 0 {
+			// Wait for the next chunk's time, or for ever once the stream
+			// is over, answering input meanwhile.
+			var tick <-chan time.Time
+			if !over {
+				pace.Reset(wait)
+				tick = pace.C
+			}
+			select {
+			case <-v.stop:
+				return
+			case <-quiet:
+				quiet = nil
+			case <-echoes:
+				if echo() != nil {
+					return
+				}
+			case <-tick:
+			}
+			pace.Stop()
 			continue
 		}
-		if v.rate > 0 {
-			due := time.Duration(float64(off) / float64(v.rate) * float64(time.Second))
-			if wait := due - time.Since(start); wait > 0 {
-				// Short sleeps keep echoes prompt while pacing.
-				time.Sleep(min(wait, 200*time.Microsecond))
-				continue
-			}
+		select {
+		case <-v.stop:
+			return
+		case <-quiet:
+			quiet = nil
+			continue
+		default:
 		}
 		at := off % window
 		if _, err := c.Write(patternWindow[at : at+uint64(v.chunk)]); err != nil {

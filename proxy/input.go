@@ -58,6 +58,9 @@ func (p *Proxy) queueInput(b []byte, from *client) error {
 	default:
 		p.inputQueue = append(p.inputQueue, inputChunk{b: append([]byte(nil), b...), from: from})
 		p.inputQueued += len(b)
+		if from != nil {
+			p.typist.Store(from.r) // its echo is never coalesced; see appendOutput
+		}
 		select {
 		case p.inputWake <- struct{}{}:
 		default:

@@ -169,6 +169,12 @@ type Proxy struct {
 	pendingWake int         // bytes appended since the last wake
 	wakeTimer   *time.Timer // armed while a wake is deferred
 	wakeArmed   bool
+	// typist is the reader of the client whose input was queued last, or
+	// nil. queueInput sets it without mu; the reader's state is still
+	// guarded by mu. A reader clears it when it closes, so that a client
+	// that left is not kept; a store racing with that close can leave a
+	// closed reader here, which is never parked and so never woken.
+	typist atomic.Pointer[Reader]
 
 	// Counters for Stats. totals holds the finished clients' figures.
 	totals           Stats
@@ -245,26 +251,37 @@ func New(cfg Config) (*Proxy, error) {
 }
 
 // Wake coalescing. Waking every parked client for every small upstream
-// read costs one write per client per read; while output flows, waking
-// them at most once per coalesceWindow gives each client fewer, larger
-// writes. Output after a quiet spell (a keystroke's echo) wakes at once,
+// read costs a wake-up and a write per client per read; while output
+// flows, waking them at most once per coalesceWindow gives each client
+// fewer, larger writes. Output after a quiet spell wakes everyone at once,
 // and so does a backlog of coalesceBytes, so a flood is never held back.
+//
+// The window must never delay output that someone is waiting for: the
+// echo of a keystroke, or the prompt a script waits for after each
+// command, which in a request/response loop comes less than a window after
+// the output before it. So the typist, the client whose input went to the
+// VMM last, is not coalesced: whenever its writer is idle, every read wakes
+// it at once, and a busy writer takes everything that came meanwhile in
+// its next write. It is also woken first when everyone is, so that with
+// many clients its echo does not wait behind the others' writes. That
+// costs one client's worth of wake-ups, and nothing while nobody types.
 const (
 	coalesceWindow = time.Millisecond
 	coalesceBytes  = 64 << 10
 )
 
-// appendOutput adds upstream output to the ring and wakes parked readers,
-// at once or within coalesceWindow. It never blocks on a reader: it holds
-// mu only for the copy.
+// appendOutput adds upstream output to the ring and wakes parked readers:
+// the typist at once, the others at once or within coalesceWindow. It
+// never blocks on a reader: it holds mu only for the copy.
 func (p *Proxy) appendOutput(b []byte) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.upstreamBytes += uint64(len(b))
 	p.ring.Write(b)
 	p.pendingWake += len(b)
+	p.wakeTypistLocked()
 	if p.wakeArmed {
-		return // the timer wakes everyone
+		return // the timer wakes everyone else
 	}
 	now := time.Now()
 	since := now.Sub(p.lastWake)
@@ -337,18 +354,25 @@ func (p *Proxy) atLineStartLocked() bool {
 	return b == '\n'
 }
 
-// wakeLocked wakes every parked reader once. Each reader has a one-slot
-// channel, so a wake-up never blocks and repeated wake-ups coalesce.
+// wakeLocked wakes every parked reader once, the typist first. Each reader
+// has a one-slot channel, so a wake-up never blocks and repeated wake-ups
+// coalesce.
 func (p *Proxy) wakeLocked() {
+	p.wakeTypistLocked()
 	for i, r := range p.parked {
 		r.parked = false
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
+		r.signal()
 		p.parked[i] = nil
 	}
 	p.parked = p.parked[:0]
+}
+
+// wakeTypistLocked wakes the typist if it is parked.
+func (p *Proxy) wakeTypistLocked() {
+	if t := p.typist.Load(); t != nil && t.parked {
+		p.unparkLocked(t)
+		t.signal()
+	}
 }
 
 // Shutdown stops accepting clients, lets every reader receive what the ring
