@@ -250,6 +250,11 @@ func (c *Console) Run(ctx context.Context) error {
 	return err
 }
 
+// socketSettle is how long a removed client socket stays removed before it
+// is created again: long enough for an rm -rf of its directory to finish,
+// short against how rarely a socket is removed by itself.
+const socketSettle = 250 * time.Millisecond
+
 // keepSocket watches the directory of ln's socket and returns the loop
 // that creates the socket again when its path is removed from under the
 // proxy (by hand, or a tmpfiles clean-up), so that clients can still find
@@ -293,6 +298,22 @@ func (c *Console) keepSocket(stop <-chan struct{}, ln *unixsock.SocketListener, 
 			case <-gone:
 				return
 			case <-changed:
+			}
+			if ln.Ours() {
+				continue
+			}
+			// An rm -rf of the whole directory removes the socket first:
+			// creating it again then would make the rm fail (directory not
+			// empty). Give the directory a moment to go.
+			settle := time.NewTimer(socketSettle)
+			select {
+			case <-stop:
+				settle.Stop()
+				return
+			case <-gone:
+				settle.Stop()
+				return
+			case <-settle.C:
 			}
 			if ln.Ours() {
 				continue
