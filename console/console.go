@@ -20,6 +20,7 @@ import (
 	"github.com/consoleproxy/consoleproxy/logsink"
 	"github.com/consoleproxy/consoleproxy/proxy"
 	"github.com/consoleproxy/consoleproxy/unixsock"
+	"github.com/consoleproxy/consoleproxy/warnlimit"
 	"github.com/consoleproxy/consoleproxy/watch"
 	"github.com/hashicorp/go-hclog"
 )
@@ -59,6 +60,12 @@ type Config struct {
 	MaxClients       int
 	DisableNotices   bool
 	ExitWithUpstream bool
+
+	// KeepSockets creates a client socket again when it is removed from
+	// under the proxy. For a single console; in host mode the VM's
+	// directory is its manager's, and a socket created again would fight
+	// its clean-up.
+	KeepSockets bool
 
 	// Watcher is the process's shared inotify watcher.
 	Watcher *watch.Watcher
@@ -250,9 +257,28 @@ func (c *Console) Run(ctx context.Context) error {
 	return err
 }
 
-// socketSettle is how long a removed client socket stays removed before it
-// is created again: long enough for an rm -rf of its directory to finish,
-// short against how rarely a socket is removed by itself.
+// quiet waits until busy has stayed silent for socketSettle, and reports
+// false when stop is closed or the directory is gone meanwhile.
+func quiet(stop, gone <-chan struct{}, busy <-chan struct{}) bool {
+	settle := time.NewTimer(socketSettle)
+	defer settle.Stop()
+	for {
+		select {
+		case <-stop:
+			return false
+		case <-gone:
+			return false
+		case <-busy:
+			settle.Reset(socketSettle)
+		case <-settle.C:
+			return true
+		}
+	}
+}
+
+// socketSettle is how long the directory of a removed client socket must
+// stay quiet before the socket is created again: an rm -rf of the
+// directory keeps it busy until it is gone.
 const socketSettle = 250 * time.Millisecond
 
 // keepSocket watches the directory of ln's socket and returns the loop
@@ -261,35 +287,43 @@ const socketSettle = 250 * time.Millisecond
 // the console and a second instance cannot start beside this one. The
 // watch begins before keepSocket returns; the loop serves each new socket
 // with serve, and returns when stop is closed or the socket's directory
-// goes (host mode then retires the console). A socket replaced keeps its
-// descriptor until the stop: nobody can reach it, and Shutdown closes it.
+// goes. The socket it replaces is closed.
 func (c *Console) keepSocket(stop <-chan struct{}, ln *unixsock.SocketListener, opts unixsock.SocketOptions, serve func(*unixsock.SocketListener)) func() {
-	if c.cfg.Watcher == nil {
+	if c.cfg.Watcher == nil || !c.cfg.KeepSockets {
 		return func() {}
 	}
 	path := ln.Addr().String()
 	name := filepath.Base(path)
-	changed := make(chan struct{}, 1)
-	changed <- struct{}{} // what happened before the watch began
+	changed := make(chan struct{}, 1) // the socket's name
+	changed <- struct{}{}             // what happened before the watch began
+	busy := make(chan struct{}, 1)    // anything in the directory
 	gone := make(chan struct{})
 	var goneOnce sync.Once
+	signal := func(ch chan struct{}) {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
 	cancel, err := c.cfg.Watcher.Watch(filepath.Dir(path), func(e watch.Event) {
 		switch {
 		case e.Gone:
 			goneOnce.Do(func() { close(gone) })
 		case e.Name == name || e.Overflow:
-			select {
-			case changed <- struct{}{}:
-			default:
-			}
+			signal(changed)
+			signal(busy)
+		default:
+			signal(busy)
 		}
 	})
 	if err != nil {
 		c.log.Warn("cannot watch the client socket's directory; a socket removed from under the proxy stays gone", "socket", path, "error", err)
 		return func() {}
 	}
+	recreated := warnlimit.New(c.log, "the client socket was removed from under the proxy; created it again")
 	return func() {
 		defer cancel()
+		defer recreated.Stop()
 		warned := false
 		for {
 			select {
@@ -304,19 +338,16 @@ func (c *Console) keepSocket(stop <-chan struct{}, ln *unixsock.SocketListener, 
 			}
 			// An rm -rf of the whole directory removes the socket first:
 			// creating it again then would make the rm fail (directory not
-			// empty). Give the directory a moment to go.
-			settle := time.NewTimer(socketSettle)
-			select {
-			case <-stop:
-				settle.Stop()
+			// empty). Wait until the directory has been quiet for a
+			// moment, and is still there.
+			if !quiet(stop, gone, busy) {
 				return
-			case <-gone:
-				settle.Stop()
-				return
-			case <-settle.C:
 			}
 			if ln.Ours() {
 				continue
+			}
+			if _, err := os.Stat(filepath.Dir(path)); err != nil {
+				return
 			}
 			if _, err := os.Lstat(path); err == nil {
 				if !warned {
@@ -330,7 +361,8 @@ func (c *Console) keepSocket(stop <-chan struct{}, ln *unixsock.SocketListener, 
 				c.log.Error("the client socket was removed and cannot be created again", "socket", path, "error", err)
 				continue
 			}
-			c.log.Warn("the client socket was removed from under the proxy; created it again", "socket", path)
+			recreated.Warn("socket", path)
+			c.p.StopServing(ln) // nobody can reach it any more
 			serve(next)
 			ln, warned = next, false
 		}

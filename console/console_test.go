@@ -137,7 +137,7 @@ func TestARemovedClientSocketIsCreatedAgain(t *testing.T) {
 	w := watch.New()
 	defer w.Close()
 	sock := filepath.Join(dir, "console.sock")
-	c, err := Open(Config{Upstream: &proxy.UnixUpstream{Path: filepath.Join(dir, "vmm.sock")}, Listen: sock, Watcher: w})
+	c, err := Open(Config{Upstream: &proxy.UnixUpstream{Path: filepath.Join(dir, "vmm.sock")}, Listen: sock, Watcher: w, KeepSockets: true})
 	if err != nil {
 		t.Fatal(err)
 	}

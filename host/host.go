@@ -21,6 +21,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/consoleproxy/consoleproxy/console"
@@ -82,7 +83,8 @@ type Host struct {
 
 	// Owned by Run's goroutine.
 	entries      map[string]*entry
-	parentPolled bool // the way to Parent cannot be watched
+	parentPolled bool      // the way to Parent cannot be watched
+	nextPoll     time.Time // when polled directories are looked at next
 	ctx          context.Context
 	running      sync.WaitGroup
 	ended        chan exited
@@ -92,16 +94,41 @@ type Host struct {
 // exists, or its console is still running.
 type entry struct {
 	name, path   string
-	seen         time.Time         // when first seen: --max-consoles' order
-	c            *console.Console  // running or retiring; nil otherwise
-	retiring     bool              // Retire was called; its Run is ending
-	missingSince time.Time         // zero while the match is there
-	listenDirs   []string          // its client sockets' directories
-	failures     int               // opens failed in a row (the first is logged)
-	retryAt      time.Time         // no open before this, after a failure
-	overCap      bool              // left alone at MaxConsoles, logged once
-	watches      map[string]func() // watched directory -> cancel
-	polled       bool              // a watch failed: looked at on the timer
+	seen         time.Time          // when first seen: --max-consoles' order
+	c            *console.Console   // running or retiring; nil otherwise
+	retiring     bool               // Retire was called; its Run is ending
+	missingSince time.Time          // zero while the match is there
+	listenDirs   []dirID            // its client sockets' directories, as opened
+	ownNames     []string           // its client sockets' names, for shared directories
+	failures     int                // opens failed in a row (the first is logged)
+	failedAt     time.Time          // the last failure: changes retry no sooner than retryMin after it
+	retryAt      time.Time          // the backoff timer's retry, after a failure
+	overCap      bool               // left alone at MaxConsoles, logged once
+	watches      map[string]watched // by directory
+	polled       bool               // a watch failed: looked at on the timer
+}
+
+// dirID identifies a directory: one removed and created again under the
+// same name is another. Inotify does not always say that a watched
+// directory went (a socket bound in it keeps it alive for the kernel), so
+// the identity is compared at every look.
+type dirID struct {
+	path     string
+	dev, ino uint64
+}
+
+func statDir(path string) (dirID, bool) {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil || st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+		return dirID{path: path}, false
+	}
+	return dirID{path: path, dev: st.Dev, ino: st.Ino}, true
+}
+
+// watched is one of an entry's directory watches.
+type watched struct {
+	id     dirID
+	cancel func()
 }
 
 // New returns a Host for cfg; it starts nothing.
@@ -217,7 +244,7 @@ func (h *Host) lookAgain() {
 	h.dirtyAll, h.dirty = false, make(map[string]bool)
 	h.mu.Unlock()
 	if all {
-		if h.parent == nil {
+		if !h.watchingParent() {
 			h.watchParent()
 		}
 		for _, n := range append(h.scan(), slices.Collect(maps.Keys(h.entries))...) {
@@ -230,11 +257,12 @@ func (h *Host) lookAgain() {
 	for n := range dirty {
 		names = append(names, n)
 	}
+	now := time.Now()
 	seen := func(n string) time.Time {
 		if e := h.entries[n]; e != nil {
 			return e.seen
 		}
-		return time.Now()
+		return now
 	}
 	slices.SortFunc(names, func(a, b string) int {
 		return cmp.Or(seen(a).Compare(seen(b)), cmp.Compare(a, b))
@@ -253,13 +281,15 @@ func (h *Host) watchParent() {
 	parent := h.cfg.Pattern.Parent
 	h.parentPolled = false
 	for {
-		dir, _ := watch.NearestDir(parent)
+		dir, next := watch.NearestDir(parent)
 		if dir == "" {
 			h.parentPolled = true
 			return
 		}
 		cancel, err := h.cfg.Watcher.Watch(dir, func(e watch.Event) {
 			switch {
+			case dir != parent && !e.Gone && !e.Overflow && e.Name != next:
+				// Something else in a directory on the way.
 			case e.Gone || e.Overflow || dir != parent:
 				// Gone, or a step on the way: watch again from wherever
 				// the way now ends.
@@ -288,6 +318,12 @@ func (h *Host) watchParent() {
 		}
 		h.dropParent()
 	}
+}
+
+func (h *Host) watchingParent() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.parent != nil
 }
 
 func (h *Host) dropParent() {
@@ -338,8 +374,8 @@ func (h *Host) check(name string) {
 	}
 	if e.c != nil {
 		for _, d := range e.listenDirs {
-			if !isDir(d) {
-				h.log.Info("console retired: its socket directory is gone", "console", name, "dir", d)
+			if now, ok := statDir(d.path); !ok || now != d {
+				h.log.Info("console retired: its socket directory is gone", "console", name, "dir", d.path)
 				h.retire(e)
 				return
 			}
@@ -351,8 +387,9 @@ func (h *Host) check(name string) {
 			h.log.Info("console's upstream is back", "console", name, "missing_for", time.Since(e.missingSince).Round(time.Millisecond))
 		}
 		e.missingSince = time.Time{}
-	case present && time.Now().Before(e.retryAt):
-		// Failed a moment ago: the timer brings it back.
+	case present && e.failures > 0 && time.Since(e.failedAt) < retryMin:
+		// Failed a moment ago: its own traces must not make it retry at
+		// once; the timer brings it back.
 	case present:
 		h.open(e)
 	case e.c == nil && !element:
@@ -385,7 +422,8 @@ func (h *Host) open(e *entry) {
 	}
 	if err != nil {
 		e.failures++
-		e.retryAt = time.Now().Add(min(retryMin<<(e.failures-1), retryMax))
+		e.failedAt = time.Now()
+		e.retryAt = e.failedAt.Add(min(retryMin<<(e.failures-1), retryMax))
 		if e.failures == 1 {
 			h.log.Error("console cannot start; trying again when its directory changes", "console", e.name, "error", err)
 		} else {
@@ -394,10 +432,14 @@ func (h *Host) open(e *entry) {
 		return
 	}
 	e.c, e.failures, e.retryAt, e.overCap = c, 0, time.Time{}, false
-	e.listenDirs = nil
+	e.listenDirs, e.ownNames = nil, nil
 	for _, p := range []string{cfg.Listen, cfg.ListenRO} {
-		if p != "" && !slices.Contains(e.listenDirs, filepath.Dir(p)) {
-			e.listenDirs = append(e.listenDirs, filepath.Dir(p))
+		if p == "" {
+			continue
+		}
+		e.ownNames = append(e.ownNames, filepath.Base(p))
+		if id, ok := statDir(filepath.Dir(p)); ok && !slices.Contains(e.listenDirs, id) {
+			e.listenDirs = append(e.listenDirs, id)
 		}
 	}
 	h.mu.Lock()
@@ -413,39 +455,54 @@ func (h *Host) open(e *entry) {
 
 // rewatch points e's watches at what it must see: the way to its upstream
 // below the pattern's parent (the parent's own watch sees the rest), and
-// its client sockets' directories, for their removal. A directory that
-// cannot be watched is looked at on the timer instead.
+// its client sockets' directories, for their removal. A directory
+// replaced since it was watched is watched anew; one that cannot be
+// watched is looked at on the timer instead.
 func (h *Host) rewatch(e *entry) {
-	var want []string
+	// The VM's own directory: any change in it may matter (the socket, or
+	// what made the console fail). A shared one (--listen
+	// /run/consoles/{name}.sock): only the console's own names, or every
+	// console would look at itself for every other's change.
+	type want struct {
+		id    dirID
+		names []string // nil: every name
+	}
+	var wants []want
 	if h.cfg.Pattern.Rest != "" {
 		top := filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(e.name))
 		if d, _ := watch.NearestDir(filepath.Dir(e.path)); d != "" && strings.HasPrefix(d+"/", top+"/") {
-			want = append(want, d)
+			if id, ok := statDir(d); ok {
+				wants = append(wants, want{id: id})
+			}
 		}
 	}
 	for _, d := range e.listenDirs {
-		if !slices.Contains(want, d) && isDir(d) {
-			want = append(want, d)
+		if !slices.ContainsFunc(wants, func(w want) bool { return w.id.path == d.path }) {
+			wants = append(wants, want{id: d, names: e.ownNames})
 		}
 	}
-	for d, cancel := range e.watches {
-		if !slices.Contains(want, d) {
-			cancel()
+	for d, w := range e.watches {
+		if !slices.ContainsFunc(wants, func(x want) bool { return x.id == w.id }) {
+			w.cancel()
 			delete(e.watches, d)
 		}
 	}
 	e.polled = false
 	added := false
-	for _, d := range want {
-		if _, ok := e.watches[d]; ok {
+	for _, w := range wants {
+		if _, ok := e.watches[w.id.path]; ok {
 			continue
 		}
-		name := e.name
-		cancel, err := h.cfg.Watcher.Watch(d, func(ev watch.Event) {
-			// Hidden entries are the traces of socket creation (its
-			// private directories), ours or a failed attempt's.
-			if ev.Gone || ev.Overflow || !strings.HasPrefix(ev.Name, ".") {
+		name, names := e.name, w.names
+		cancel, err := h.cfg.Watcher.Watch(w.id.path, func(ev watch.Event) {
+			switch {
+			case ev.Gone || ev.Overflow:
 				h.mark(name, ev.Gone)
+			case strings.HasPrefix(ev.Name, "."):
+				// The traces of socket creation (its private
+				// directories), ours or a failed attempt's.
+			case names == nil || slices.Contains(names, ev.Name):
+				h.mark(name, false)
 			}
 		})
 		if err != nil {
@@ -453,9 +510,9 @@ func (h *Host) rewatch(e *entry) {
 			continue
 		}
 		if e.watches == nil {
-			e.watches = make(map[string]func())
+			e.watches = make(map[string]watched)
 		}
-		e.watches[d] = cancel
+		e.watches[w.id.path] = watched{id: w.id, cancel: cancel}
 		added = true
 	}
 	if added {
@@ -466,8 +523,8 @@ func (h *Host) rewatch(e *entry) {
 }
 
 func (e *entry) unwatchAll() {
-	for _, cancel := range e.watches {
-		cancel()
+	for _, w := range e.watches {
+		w.cancel()
 	}
 	e.watches = nil
 }
@@ -481,8 +538,18 @@ func (h *Host) nextDeadline() (time.Time, bool) {
 			next = t
 		}
 	}
-	if h.parentPolled {
-		at(time.Now().Add(pollInterval))
+	polling := h.parentPolled
+	for _, e := range h.entries {
+		polling = polling || e.polled
+	}
+	if polling {
+		// Absolute, so that a stream of events cannot postpone it.
+		if h.nextPoll.IsZero() {
+			h.nextPoll = time.Now().Add(pollInterval)
+		}
+		at(h.nextPoll)
+	} else {
+		h.nextPoll = time.Time{}
 	}
 	for _, e := range h.entries {
 		switch {
@@ -492,9 +559,6 @@ func (h *Host) nextDeadline() (time.Time, bool) {
 		case e.c == nil && !e.retryAt.IsZero():
 			at(e.retryAt)
 		}
-		if e.polled {
-			at(time.Now().Add(pollInterval))
-		}
 	}
 	return next, !next.IsZero()
 }
@@ -503,8 +567,12 @@ func (h *Host) nextDeadline() (time.Time, bool) {
 // RetireAfter and looks again at those whose time has come.
 func (h *Host) timersDue() {
 	now := time.Now()
-	if h.parentPolled {
-		h.mark("", false)
+	poll := !h.nextPoll.IsZero() && !now.Before(h.nextPoll)
+	if poll {
+		h.nextPoll = time.Time{}
+		if h.parentPolled {
+			h.mark("", false)
+		}
 	}
 	for _, e := range h.entries {
 		switch {
@@ -512,8 +580,11 @@ func (h *Host) timersDue() {
 		case e.c != nil && !e.missingSince.IsZero() && !now.Before(e.missingSince.Add(h.cfg.RetireAfter)):
 			h.log.Info("console retired: its upstream has been missing", "console", e.name, "for", h.cfg.RetireAfter)
 			h.retire(e)
-		case e.polled || (e.c == nil && !e.retryAt.IsZero() && !now.Before(e.retryAt)):
+		case e.c == nil && !e.retryAt.IsZero() && !now.Before(e.retryAt):
 			e.retryAt = time.Time{}
+			e.failedAt = time.Time{} // the timer's retry is due
+			h.mark(e.name, false)
+		case poll && e.polled:
 			h.mark(e.name, false)
 		}
 	}
@@ -551,9 +622,4 @@ func (h *Host) remove(x exited) {
 func exists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
-}
-
-func isDir(path string) bool {
-	fi, err := os.Stat(path)
-	return err == nil && fi.IsDir()
 }

@@ -66,6 +66,23 @@ func (p Pattern) Match(entry string) (name string, ok bool) {
 	return name, true
 }
 
+// MatchPath returns the name of the console whose upstream path is path,
+// if path matches the pattern.
+func (p Pattern) MatchPath(path string) (name string, ok bool) {
+	path = filepath.Clean(path)
+	rest := path
+	if p.Rest != "" {
+		var found bool
+		if rest, found = strings.CutSuffix(path, "/"+p.Rest); !found {
+			return "", false
+		}
+	}
+	if filepath.Dir(rest) != p.Parent {
+		return "", false
+	}
+	return p.Match(filepath.Base(rest))
+}
+
 // Entry returns the entry of Parent for name.
 func (p Pattern) Entry(name string) string { return p.Prefix + name + p.Suffix }
 

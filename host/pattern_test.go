@@ -46,6 +46,18 @@ func TestParsePattern(t *testing.T) {
 			t.Errorf("Match(%q) = %q, want no match", entry, name)
 		}
 	}
+	for path, want := range map[string]string{"/srv/vm-7.sock": "7", "/srv/vm-7.sock/x": "", "/srv/a/vm-7.sock": "", "/srv/vm-.sock": ""} {
+		if name, ok := p.MatchPath(path); name != want || ok != (want != "") {
+			t.Errorf("MatchPath(%q) = %q, %v; want %q", path, name, ok, want)
+		}
+	}
+	q, _ := ParsePattern("/run/vms/*/serial.sock")
+	if name, ok := q.MatchPath("/run/vms/vm1/serial.sock"); !ok || name != "vm1" {
+		t.Errorf("MatchPath = %q, %v", name, ok)
+	}
+	if _, ok := q.MatchPath("/run/vms/vm1/console.sock"); ok {
+		t.Error("a path with another rest matched")
+	}
 	if got := Expand("{dir}/{name}.console.sock", "vm1", "/run/vms/vm1/serial.sock"); got != "/run/vms/vm1/vm1.console.sock" {
 		t.Errorf("Expand = %q", got)
 	}

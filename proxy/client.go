@@ -65,6 +65,20 @@ func (c *client) close() {
 // its input goes to the upstream. Serve takes ownership of ln.
 func (p *Proxy) Serve(ln net.Listener) error { return p.serve(ln, false) }
 
+// StopServing closes ln, served by Serve or ServeReadOnly, whose Serve then
+// returns ErrClosed; its clients stay. For a socket replaced by another
+// (its path was removed from under the proxy).
+func (p *Proxy) StopServing(ln net.Listener) error {
+	p.mu.Lock()
+	_, serving := p.listeners[ln]
+	delete(p.listeners, ln)
+	p.mu.Unlock()
+	if !serving {
+		return nil
+	}
+	return ln.Close()
+}
+
 // ServeReadOnly is Serve for viewers: clients receive the same output, and
 // their input is read, counted and discarded.
 func (p *Proxy) ServeReadOnly(ln net.Listener) error { return p.serve(ln, true) }
@@ -85,7 +99,8 @@ func (p *Proxy) serve(ln net.Listener, readOnly bool) error {
 		conn, err := ln.Accept()
 		if err != nil {
 			p.mu.Lock()
-			closed := p.closed
+			_, serving := p.listeners[ln]
+			closed := p.closed || !serving
 			p.mu.Unlock()
 			if closed {
 				return ErrClosed

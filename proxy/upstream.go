@@ -3,6 +3,8 @@ package proxy
 import (
 	"context"
 	"io"
+	"maps"
+	"slices"
 
 	"github.com/consoleproxy/consoleproxy/unixsock"
 	"github.com/consoleproxy/consoleproxy/upstream"
@@ -28,9 +30,11 @@ func (p *Proxy) isOwnSocket(path string) bool {
 			return true
 		}
 	}
+	// The stat is I/O: not under mu, which guards the ring.
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	for ln := range p.listeners {
+	lns := slices.Collect(maps.Keys(p.listeners))
+	p.mu.Unlock()
+	for _, ln := range lns {
 		if sl, ok := ln.(*unixsock.SocketListener); ok && sl.Names(path) {
 			return true
 		}

@@ -420,6 +420,18 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 			return usagef("%s: the '*' is in the socket's own name, so {dir} is the same for every console: it must hold {name}", p.flag)
 		}
 	}
+	// The proxy's own sockets must not be consoles themselves: each would
+	// proxy the one before, to the length limit.
+	const sample = "consoleproxy-name"
+	upPath := o.pattern.Path(sample)
+	for _, p := range []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--status", o.status}} {
+		if p.path == "" {
+			continue
+		}
+		if _, ok := o.pattern.MatchPath(host.Expand(p.path, sample, upPath)); ok && canonicalPath(host.Expand(p.path, sample, upPath)) != canonicalPath(upPath) {
+			return usagef("%s: %s matches the --upstream pattern %s: the proxy's own sockets would be taken for consoles", p.flag, p.path, o.pattern)
+		}
+	}
 	if o.exitWithUpstream {
 		return usagef("--exit-with-upstream does not go with an --upstream pattern: host mode serves consoles as they come and go")
 	}

@@ -145,7 +145,8 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 			ConsoleLog: expand(o.consoleLog), LogOptions: o.logOptions,
 			BufferSize: o.bufferSize, Replay: o.replay, SlowClient: o.slowClient, MaxClients: o.maxClients,
 			DisableNotices: !o.notices, ExitWithUpstream: o.exitWithUpstream,
-			Watcher: watcher, Logger: clog,
+			KeepSockets: o.pattern == nil, // in host mode the VM's directory is its manager's
+			Watcher:     watcher, Logger: clog,
 		}
 	}
 

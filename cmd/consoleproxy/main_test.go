@@ -72,6 +72,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", ln, "--console-log", filepath.Join(dir, "x", "..", "c.sock")}, "--listen and --console-log name the same file"},
 		{[]string{"--upstream", up, "--listen", ln, "--status", ln}, "--listen and --status name the same file"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "serial.sock"), "--listen", "{dir}/serial.sock"}, "--upstream and --listen name the same file"},
+		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", filepath.Join(dir, "vm-{name}.console.sock")}, "the proxy's own sockets would be taken for consoles"},
+		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*.sock"), "--listen", filepath.Join(dir, "{name}.console"), "--status", filepath.Join(dir, "status.sock")}, "--status: " + filepath.Join(dir, "status.sock") + " matches the --upstream pattern"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", "{dir}/console.sock"}, "it must hold {name}"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "s.sock"), "--listen", "{dir}/c.sock", "--status", "{dir}/st.sock"}, "--status: one status socket serves every console"},
 		{[]string{"--upstream", up, "--listen", ln, "--status", "/run/{name}.sock"}, "--status: one status socket serves every console"},
