@@ -62,9 +62,8 @@ type Config struct {
 	ExitWithUpstream bool
 
 	// KeepSockets creates a client socket again when it is removed from
-	// under the proxy. For a single console; in host mode the VM's
-	// directory is its manager's, and a socket created again would fight
-	// its clean-up.
+	// under the proxy, once its directory has been quiet for a moment (an
+	// rm -rf of the directory is left to finish).
 	KeepSockets bool
 
 	// Watcher is the process's shared inotify watcher.
@@ -159,6 +158,11 @@ func bufferSize(cfg Config) int {
 		return proxy.DefaultBufferSize
 	}
 	return cfg.BufferSize
+}
+
+// Serves reports whether path names one of the console's client sockets.
+func (c *Console) Serves(path string) bool {
+	return c.ln.Names(path) || (c.lnRO != nil && c.lnRO.Names(path))
 }
 
 // Name returns the console's name.

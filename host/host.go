@@ -15,6 +15,7 @@ package host
 import (
 	"cmp"
 	"context"
+	"errors"
 	"maps"
 	"os"
 	"path/filepath"
@@ -60,6 +61,11 @@ type Config struct {
 	// RetireAfter is how long a match may be missing before its console is
 	// retired. Zero means DefaultRetireAfter.
 	RetireAfter time.Duration
+	// IsOwn, when set, reports whether a path names one of the process's
+	// sockets besides the consoles' (the status socket). A match that names
+	// one of the proxy's own sockets is never a console: each would proxy
+	// the one before.
+	IsOwn func(path string) bool
 	// Watcher is the process's shared inotify watcher. Required.
 	Watcher *watch.Watcher
 	// Logger receives discovery's diagnostics; each console's lines carry
@@ -85,6 +91,7 @@ type Host struct {
 	entries      map[string]*entry
 	parentPolled bool      // the way to Parent cannot be watched
 	nextPoll     time.Time // when polled directories are looked at next
+	watchWarned  bool      // that the way to Parent cannot be watched
 	ctx          context.Context
 	running      sync.WaitGroup
 	ended        chan exited
@@ -302,8 +309,9 @@ func (h *Host) watchParent() {
 			}
 		})
 		if err != nil {
-			if !h.parentPolled {
+			if !h.watchWarned {
 				h.log.Warn("cannot watch for consoles; looking every second", "dir", dir, "error", err)
+				h.watchWarned = true
 			}
 			h.parentPolled = true
 			return
@@ -318,6 +326,19 @@ func (h *Host) watchParent() {
 		}
 		h.dropParent()
 	}
+}
+
+// isOwn reports whether path names one of the proxy's own sockets.
+func (h *Host) isOwn(path string) bool {
+	if h.cfg.IsOwn != nil && h.cfg.IsOwn(path) {
+		return true
+	}
+	for _, c := range h.Consoles() {
+		if c.Serves(path) {
+			return true
+		}
+	}
+	return false
 }
 
 func (h *Host) watchingParent() bool {
@@ -359,6 +380,10 @@ func (h *Host) check(name string) {
 	e := h.entries[name]
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
+	if present && e == nil && h.isOwn(path) {
+		h.log.Warn("a match of the pattern is one of the proxy's own sockets; not a console", "path", path)
+		return
+	}
 	// The matched element (a VM's directory) is watched while it exists,
 	// socket or not: that is how its socket's appearance is seen.
 	element := present || exists(filepath.Join(h.cfg.Pattern.Parent, h.cfg.Pattern.Entry(name)))
@@ -619,7 +644,10 @@ func (h *Host) remove(x exited) {
 	}
 }
 
+// exists reports whether path is there, as far as the proxy can tell: a
+// path it may not look at is there too, so that its console is tried and
+// the permission failure logged with its name, not silently ignored.
 func exists(path string) bool {
 	_, err := os.Stat(path)
-	return err == nil
+	return err == nil || errors.Is(err, os.ErrPermission)
 }

@@ -491,3 +491,45 @@ func TestADirectoryReplacedQuicklyIsStillWatched(t *testing.T) {
 		t.Errorf("consoles %q", got)
 	}
 }
+
+func TestTheProxysOwnSocketsAreNeverConsoles(t *testing.T) {
+	parent := t.TempDir()
+	p, err := ParsePattern(filepath.Join(parent, "*.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", filepath.Join(parent, "a.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	logs := &syncLog{}
+	w := watch.New()
+	defer w.Close()
+	// Each console's client socket matches the pattern too (the flags
+	// refuse this; the host must not depend on them).
+	h := New(Config{Pattern: p, Watcher: w, Logger: hclog.New(&hclog.LoggerOptions{Output: logs}),
+		Console: func(name, path string) (console.Config, error) {
+			return console.Config{Name: name, Upstream: &proxy.UnixUpstream{Path: path}, Watcher: w,
+				Listen: filepath.Join(parent, name+"-c.sock")}, nil
+		}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.Run(ctx)
+	}()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "the own socket to be recognised", func() bool { return strings.Contains(logs.String(), "one of the proxy's own sockets") })
+	if got := consoleNames(h); got != "a" {
+		t.Errorf("consoles %q, want only a", got)
+	}
+}
+
+func consoleNames(h *Host) string {
+	var names []string
+	for _, c := range h.Consoles() {
+		names = append(names, c.Name())
+	}
+	return strings.Join(names, ",")
+}

@@ -428,7 +428,17 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 		if p.path == "" {
 			continue
 		}
-		if _, ok := o.pattern.MatchPath(host.Expand(p.path, sample, upPath)); ok && canonicalPath(host.Expand(p.path, sample, upPath)) != canonicalPath(upPath) {
+		expanded := host.Expand(p.path, sample, upPath)
+		if canonicalPath(expanded) == canonicalPath(upPath) {
+			continue // refused below as the same file
+		}
+		// As written, and with the symlinks on the way resolved on both
+		// sides (a relative path, a symlinked directory).
+		resolved := *o.pattern
+		resolved.Parent = resolvePath(resolved.Parent)
+		_, asWritten := o.pattern.MatchPath(expanded)
+		_, asResolved := resolved.MatchPath(resolvePath(expanded))
+		if asWritten || asResolved {
 			return usagef("%s: %s matches the --upstream pattern %s: the proxy's own sockets would be taken for consoles", p.flag, p.path, o.pattern)
 		}
 	}
@@ -502,6 +512,25 @@ func canonicalPath(path string) string {
 		return filepath.Join(dir, filepath.Base(abs))
 	}
 	return abs
+}
+
+// resolvePath spells path as the system would resolve it: absolute, with
+// the symlinks of its longest existing prefix resolved.
+func resolvePath(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return filepath.Clean(path)
+	}
+	rest := ""
+	for dir := abs; ; dir = filepath.Dir(dir) {
+		if real, err := filepath.EvalSymlinks(dir); err == nil {
+			return filepath.Join(real, rest)
+		}
+		if filepath.Dir(dir) == dir {
+			return abs
+		}
+		rest = filepath.Join(filepath.Base(dir), rest)
+	}
 }
 
 // setWithPrefix returns a flag given on the command line whose name starts

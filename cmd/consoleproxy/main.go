@@ -145,7 +145,7 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 			ConsoleLog: expand(o.consoleLog), LogOptions: o.logOptions,
 			BufferSize: o.bufferSize, Replay: o.replay, SlowClient: o.slowClient, MaxClients: o.maxClients,
 			DisableNotices: !o.notices, ExitWithUpstream: o.exitWithUpstream,
-			KeepSockets: o.pattern == nil, // in host mode the VM's directory is its manager's
+			KeepSockets: true,
 			Watcher:     watcher, Logger: clog,
 		}
 	}
@@ -182,6 +182,9 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 					return console.Config{}, err
 				}
 				return consoleConfig(name, up, path), nil
+			},
+			IsOwn: func(path string) bool {
+				return statusLn != nil && statusLn.Names(path)
 			},
 			MaxConsoles: o.maxConsoles,
 			RetireAfter: o.retireAfter,
@@ -254,7 +257,7 @@ func serve(o *options, log hclog.Logger, sigs *signals) error {
 // reopenLogs reopens every console's log, saying so once for a console
 // without one.
 func reopenLogs(log hclog.Logger, consoles []*console.Console) {
-	reopened := 0
+	reopened, failed := 0, 0
 	for _, c := range consoles {
 		clog := log
 		if c.Name() != "" {
@@ -265,11 +268,12 @@ func reopenLogs(log hclog.Logger, consoles []*console.Console) {
 			// No log, or a console retiring: its log is closing.
 		case err != nil:
 			clog.Error("reopen console log", "error", err)
+			failed++
 		default:
 			reopened++
 		}
 	}
-	if reopened == 0 {
+	if reopened == 0 && failed == 0 {
 		log.Info("SIGHUP: there is no console log to reopen")
 	} else {
 		log.Info("console log reopened", "logs", reopened)

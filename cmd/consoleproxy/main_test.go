@@ -45,6 +45,9 @@ func TestUsageErrors(t *testing.T) {
 	if err := os.WriteFile(regular, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Symlink(".", filepath.Join(dir, "link")); err != nil { // dir/link is dir
+		t.Fatal(err)
+	}
 	up := "unix:" + filepath.Join(dir, "vmm.sock")
 	ln := filepath.Join(dir, "c.sock")
 	long := "/tmp/" + strings.Repeat("x", 110)
@@ -73,6 +76,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--upstream", up, "--listen", ln, "--status", ln}, "--listen and --status name the same file"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "serial.sock"), "--listen", "{dir}/serial.sock"}, "--upstream and --listen name the same file"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", filepath.Join(dir, "vm-{name}.console.sock")}, "the proxy's own sockets would be taken for consoles"},
+		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*.sock"), "--listen", filepath.Join(dir, "link", "{name}-c.sock")}, "the proxy's own sockets would be taken for consoles"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*.sock"), "--listen", filepath.Join(dir, "{name}.console"), "--status", filepath.Join(dir, "status.sock")}, "--status: " + filepath.Join(dir, "status.sock") + " matches the --upstream pattern"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "vm-*.sock"), "--listen", "{dir}/console.sock"}, "it must hold {name}"},
 		{[]string{"--upstream", "unix:" + filepath.Join(dir, "*", "s.sock"), "--listen", "{dir}/c.sock", "--status", "{dir}/st.sock"}, "--status: one status socket serves every console"},
