@@ -89,9 +89,10 @@ type Host struct {
 
 	// Owned by Run's goroutine.
 	entries      map[string]*entry
-	parentPolled bool      // the way to Parent cannot be watched
-	nextPoll     time.Time // when polled directories are looked at next
-	watchWarned  bool      // that the way to Parent cannot be watched
+	parentPolled bool            // the way to Parent cannot be watched
+	nextPoll     time.Time       // when polled directories are looked at next
+	watchWarned  bool            // that the way to Parent cannot be watched
+	ownWarned    map[string]bool // own sockets the pattern matched, logged once
 	ctx          context.Context
 	running      sync.WaitGroup
 	ended        chan exited
@@ -151,13 +152,14 @@ func New(cfg Config) *Host {
 		log = hclog.NewNullLogger()
 	}
 	return &Host{
-		cfg:      cfg,
-		log:      log.Named("host"),
-		consoles: make(map[string]*console.Console),
-		dirty:    make(map[string]bool),
-		wake:     make(chan struct{}, 1),
-		entries:  make(map[string]*entry),
-		ended:    make(chan exited),
+		cfg:       cfg,
+		log:       log.Named("host"),
+		consoles:  make(map[string]*console.Console),
+		dirty:     make(map[string]bool),
+		wake:      make(chan struct{}, 1),
+		entries:   make(map[string]*entry),
+		ended:     make(chan exited),
+		ownWarned: make(map[string]bool),
 	}
 }
 
@@ -381,7 +383,10 @@ func (h *Host) check(name string) {
 	path := h.cfg.Pattern.Path(name)
 	present := exists(path)
 	if present && e == nil && h.isOwn(path) {
-		h.log.Warn("a match of the pattern is one of the proxy's own sockets; not a console", "path", path)
+		if !h.ownWarned[path] {
+			h.log.Warn("a match of the pattern is one of the proxy's own sockets; not a console", "path", path)
+			h.ownWarned[path] = true
+		}
 		return
 	}
 	// The matched element (a VM's directory) is watched while it exists,
