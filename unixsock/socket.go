@@ -90,10 +90,12 @@ func (l *SocketListener) Ours() bool {
 }
 
 // Names reports whether path, following symlinks, names this socket: a
-// hard link or another spelling of its path.
+// hard link or another spelling of its path. Once the socket's own path no
+// longer names it, nothing does: its inode number may already be another
+// file's.
 func (l *SocketListener) Names(path string) bool {
 	var st unix.Stat_t
-	return unix.Stat(path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino
+	return l.Ours() && unix.Stat(path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino
 }
 
 // Close stops listening and removes the socket file if it is still ours.

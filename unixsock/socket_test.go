@@ -2,6 +2,7 @@ package unixsock
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/user"
@@ -242,5 +243,27 @@ func TestAcceptErrorsNameTheSocketNotItsPrivateBind(t *testing.T) {
 	ln.Close()
 	if err == nil || !strings.Contains(err.Error(), path) || strings.Contains(err.Error(), ".consoleproxy-") {
 		t.Errorf("Accept error %q: want one naming %s", err, path)
+	}
+}
+
+func TestARemovedSocketNamesNothing(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "c.sock")
+	ln, err := Listen(path, SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ln.Names(path) {
+		t.Fatal("the socket does not name itself")
+	}
+	// Closed, its file removed and its inode number free for another
+	// file: the listener must not claim whatever gets it.
+	ln.Close()
+	for i := range 50 {
+		other := filepath.Join(dir, fmt.Sprintf("f%d", i))
+		os.WriteFile(other, nil, 0o600)
+		if ln.Names(other) {
+			t.Fatalf("a removed socket claims %s", other)
+		}
 	}
 }
