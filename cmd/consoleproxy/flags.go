@@ -422,14 +422,13 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 	}
 	// The proxy's own sockets must not be consoles themselves: each would
 	// proxy the one before, to the length limit.
-	const sample = "consoleproxy-name"
 	upPath := o.pattern.Path(sample)
 	for _, p := range []struct{ flag, path string }{{"--listen", o.listen}, {"--listen-ro", o.listenRO}, {"--status", o.status}} {
 		if p.path == "" {
 			continue
 		}
 		expanded := host.Expand(p.path, sample, upPath)
-		if canonicalPath(expanded) == canonicalPath(upPath) {
+		if resolvePath(expanded) == resolvePath(upPath) {
 			continue // refused below as the same file
 		}
 		// As written, and with the symlinks on the way resolved on both
@@ -457,13 +456,12 @@ func checkTemplates(fs *flag.FlagSet, o *options, maxConsoles, retireAfter strin
 
 // checkDistinctPaths refuses two of the proxy's paths that name the same
 // file however they are spelled (a relative and an absolute path, a
-// symlinked directory): the proxy would bind over its own upstream, or log
+// symlink on the way): the proxy would bind over its own upstream, or log
 // into its own socket. With a pattern the templates are compared as they
 // expand for one name.
 func checkDistinctPaths(o *options) error {
 	type named struct{ flag, path string }
 	var paths []named
-	const sample = "consoleproxy-name"
 	expand := func(s string) string { return s }
 	if o.pattern != nil {
 		upPath := o.pattern.Path(sample)
@@ -479,7 +477,7 @@ func checkDistinctPaths(o *options) error {
 	}
 	seen := make(map[string]string)
 	for _, p := range paths {
-		key := canonicalPath(p.path)
+		key := resolvePath(p.path)
 		if other, ok := seen[key]; ok {
 			return usagef("%s and %s name the same file %s", other, p.flag, p.path)
 		}
@@ -501,18 +499,9 @@ func upstreamPath(up upstream.Upstream) string {
 	return ""
 }
 
-// canonicalPath spells path one way: absolute, cleaned, with its
-// directory's symlinks resolved where the directory exists.
-func canonicalPath(path string) string {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return filepath.Clean(path)
-	}
-	if dir, err := filepath.EvalSymlinks(filepath.Dir(abs)); err == nil {
-		return filepath.Join(dir, filepath.Base(abs))
-	}
-	return abs
-}
+// sample is the name templates are expanded with to check them before any
+// console exists.
+const sample = "consoleproxy-name"
 
 // resolvePath spells path as the system would resolve it: absolute, with
 // the symlinks of its longest existing prefix resolved.
