@@ -335,12 +335,11 @@ func (h *Host) isOwn(path string) bool {
 	if h.cfg.IsOwn != nil && h.cfg.IsOwn(path) {
 		return true
 	}
-	for _, c := range h.Consoles() {
-		if c.Serves(path) {
-			return true
-		}
-	}
-	return false
+	// A copy, in no order: Serves stats, which is not done under mu.
+	h.mu.Lock()
+	cs := slices.Collect(maps.Values(h.consoles))
+	h.mu.Unlock()
+	return slices.ContainsFunc(cs, func(c *console.Console) bool { return c.Serves(path) })
 }
 
 func (h *Host) watchingParent() bool {
